@@ -1,0 +1,7 @@
+"""``python -m scxtrimo``."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""User-facing models (scvi-tools API)."""
+
+from ._model import XTrimoGene
+
+__all__ = ["XTrimoGene"]

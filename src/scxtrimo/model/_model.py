@@ -1,0 +1,889 @@
+"""The user-facing xTrimoGene model: scvi-tools API over the asymmetric transformer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.train import TrainRunner
+from tqdm.auto import tqdm
+
+from scxtrimo import __version__
+from scxtrimo._settings import settings
+from scxtrimo.data._loading import iter_inference_batches
+from scxtrimo.data._matrix import get_matrix
+from scxtrimo.data._tokens import InputSpec, MaskingSpec, TargetDepth, TokenIndex
+from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
+from scxtrimo.data._vocabulary import GeneMapping, load_vocabulary, log_overlap, map_genes
+from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
+from scxtrimo.train._datamodule import PretrainingDataModule, PretrainingDataset
+from scxtrimo.train._plan import XTrimoGeneTrainingPlan
+
+logger = logging.getLogger("scxtrimo")
+
+Pooling = Literal["all", "max", "mean"]
+InvalidCells = Literal["raise", "skip"]
+
+MODEL_FILE = "model.pt"
+METADATA_FILE = "model.json"
+FORMAT_VERSION = 1
+TOTAL_COUNTS_KEY = "total_counts"
+
+_SETUP_DEFAULTS = {
+    "layer": None,
+    "gene_symbols_key": None,
+    "gene_ids_key": None,
+    "input_type": "counts",
+    "total_counts_key": None,
+}
+
+
+@dataclass
+class PreparedInput:
+    """A validated AnnData, ready to be streamed through the model."""
+
+    matrix: Any
+    mapping: GeneMapping
+    stats: CellStats
+    spec: InputSpec
+    cells: np.ndarray
+    skipped: np.ndarray
+    total_counts: np.ndarray | None
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
+    """xTrimoGene / scFoundation single-cell foundation model.
+
+    An asymmetric transformer: the encoder attends only over a cell's non-zero genes (plus the
+    read-depth tokens T and S), a Performer decoder reconstructs the whole 19,264-gene axis,
+    and expression values enter through a learned auto-discretisation embedding. Pretraining
+    is masked regression with read-depth-aware down-sampling.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (raw counts). May be ``None`` for a
+        model used only for inference (e.g. from :meth:`from_scfoundation`).
+    config
+        Name of a configuration (``"tiny"``, ``"small"``, ``"base"``, ``"scfoundation"``), a
+        mapping of fields, or an :class:`~scxtrimo.module.XTrimoGeneConfig`.
+    seed
+        Seed for the weight initialisation; ``None`` uses ``scxtrimo.settings.seed``.
+    **overrides
+        Configuration fields to change (e.g. ``encoder_depth=2``).
+
+    Examples
+    --------
+    >>> import scxtrimo
+    >>> adata = scxtrimo.datasets.pbmc4k()
+    >>> scxtrimo.model.XTrimoGene.setup_anndata(adata)
+    >>> model = scxtrimo.model.XTrimoGene(adata, config="small")
+    >>> model.train(max_epochs=5)
+    >>> adata.obsm["X_scxtrimo"] = model.get_latent_representation()
+    """
+
+    _module_cls = XTrimoGeneModule
+    _training_plan_cls = XTrimoGeneTrainingPlan
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        config: str | dict | XTrimoGeneConfig = "small",
+        *,
+        seed: int | None = None,
+        registry: dict | None = None,
+        **overrides,
+    ) -> None:
+        if adata is None and registry is None:
+            registry = _empty_registry(type(self).__name__)
+        super().__init__(adata, registry=registry)
+        cfg = get_config(config, **overrides)
+        seed = settings.seed if seed is None else seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = self._module_cls(cfg)
+        self.module.eval()
+        self.config_ = cfg.to_dict()
+        self.default_target_depth_ = "fold:1"
+        self.source_ = "scxtrimo"
+        self.seed_ = seed
+        n_params = sum(p.numel() for p in self.module.parameters())
+        self._model_summary_string = (
+            f"XTrimoGene: encoder {cfg.encoder_dim}-d x {cfg.encoder_depth} layers, Performer "
+            f"decoder {cfg.decoder_dim}-d x {cfg.decoder_depth} layers, {n_params:,} parameters"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------------------------
+    # Registration
+    # ------------------------------------------------------------------------------------
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        *,
+        gene_symbols_key: str | None = None,
+        gene_ids_key: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        input_type: Literal["counts", "log1p"] = "counts",
+        total_counts_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData for training with :class:`XTrimoGene`.
+
+        The genes are matched to the 19,264-gene vocabulary (by symbol, or Ensembl ID) and the
+        matrix is checked before anything is registered; errors say what is wrong and how to
+        fix it. Registration adds scvi-tools' bookkeeping keys (``obs["_scvi_batch"]``,
+        ``obs["_scvi_labels"]``, ``uns["_scvi_uuid"]``...) to ``adata``; embedding alone
+        (:func:`scxtrimo.tl.embed`) needs no registration and changes nothing but its outputs.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes, raw counts in ``.X`` or ``layer``; in memory or backed.
+        layer
+            Layer with the raw counts; ``None`` uses ``.X``.
+        gene_symbols_key
+            ``var`` column with gene symbols; ``None`` uses ``var_names``.
+        gene_ids_key
+            ``var`` column with Ensembl gene IDs (matched first).
+        batch_key
+            ``obs`` column of batches (recorded; the model itself is batch-agnostic).
+        labels_key
+            ``obs`` column of cell-type labels (for fine-tuning and evaluation).
+        input_type
+            ``"counts"`` (default): raw integer counts. ``"log1p"``: log-normalised values
+            (``log1p(x / total * 1e4)``); give ``total_counts_key`` so that S is the cell's
+            real depth.
+        total_counts_key
+            ``obs`` column of per-cell total counts, used as the read depth S for
+            ``input_type="log1p"``.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if input_type not in ("counts", "log1p"):
+            raise ValueError(f"input_type must be 'counts' or 'log1p', not {input_type!r}.")
+        for key, what in (
+            (batch_key, "batch_key"),
+            (labels_key, "labels_key"),
+            (total_counts_key, "total_counts_key"),
+        ):
+            if key is not None and key not in adata.obs.columns:
+                raise KeyError(
+                    f"{what}={key!r} is not a column of adata.obs. Available columns: "
+                    f"{list(adata.obs.columns) or 'none'}."
+                )
+        if input_type == "counts" and total_counts_key is not None:
+            raise ValueError(
+                "total_counts_key is only used with input_type='log1p'; with raw counts the "
+                "depth is the sum of the counts on vocabulary genes."
+            )
+        mapping = map_genes(adata.var, gene_symbols_key=gene_symbols_key, gene_ids_key=gene_ids_key)
+        stats = scan_cells(
+            get_matrix(adata, layer),
+            mapping.col_to_vocab,
+            input_type=input_type,
+            obs_names=adata.obs_names,
+            var_names=adata.var_names,
+        )
+        log_overlap(mapping, stats.count_fraction)
+        fields = [
+            LayerField(
+                REGISTRY_KEYS.X_KEY,
+                layer,
+                is_count_data=input_type == "counts",
+                correct_data_format=False,  # never rewrite the user's matrix
+            ),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        if total_counts_key is not None:
+            fields.append(NumericalObsField(TOTAL_COUNTS_KEY, total_counts_key))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> XTrimoGeneConfig:
+        """The module's architecture."""
+        return self.module.config
+
+    @property
+    def setup_args(self) -> dict:
+        """How the model reads an AnnData (layer, gene keys, input type)."""
+        args = dict(_SETUP_DEFAULTS)
+        saved = (self.registry_ or {}).get("setup_args", {}) or {}
+        args.update({k: saved[k] for k in _SETUP_DEFAULTS if k in saved})
+        return args
+
+    # ------------------------------------------------------------------------------------
+    # Input preparation
+    # ------------------------------------------------------------------------------------
+
+    def prepare_input(
+        self,
+        adata: AnnData,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        target_depth: float | str | TargetDepth | None = None,
+        max_genes: int | None = None,
+        invalid: InvalidCells = "raise",
+        min_overlap: float = 0.5,
+        **setup_overrides,
+    ) -> PreparedInput:
+        """Check ``adata`` and work out everything needed to stream it through the model.
+
+        Parameters
+        ----------
+        adata
+            Any AnnData with the model's kind of input; it does not need to be registered and
+            is not modified.
+        indices
+            Cells to use (default all).
+        target_depth
+            ``T``; see :class:`~scxtrimo.data.TargetDepth`. ``None`` uses the model default.
+        max_genes
+            Cap on gene tokens per cell (highest values kept).
+        invalid
+            Cells with fewer than 2 in-vocabulary counts: ``"raise"`` an error listing them,
+            or ``"skip"`` them.
+        min_overlap
+            Minimum share of genes that must map to the vocabulary.
+        **setup_overrides
+            ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
+            ``total_counts_key``; default to the values the model was set up with.
+        """
+        unknown = set(setup_overrides) - set(_SETUP_DEFAULTS)
+        if unknown:
+            raise TypeError(f"Unexpected arguments: {sorted(unknown)}.")
+        args = self.setup_args
+        args.update({k: v for k, v in setup_overrides.items() if v is not None})
+        if invalid not in ("raise", "skip"):
+            raise ValueError(f"invalid_cells must be 'raise' or 'skip', not {invalid!r}.")
+        vocab = load_vocabulary()
+        if self.config.n_genes != vocab.n_genes:
+            raise ValueError(
+                f"This model has {self.config.n_genes} genes but the vocabulary has "
+                f"{vocab.n_genes}; only models on the scFoundation vocabulary can read AnnData."
+            )
+        matrix = get_matrix(adata, args["layer"])
+        mapping = map_genes(
+            adata.var,
+            gene_symbols_key=args["gene_symbols_key"],
+            gene_ids_key=args["gene_ids_key"],
+            min_overlap=min_overlap,
+        )
+        total_counts = None
+        if args["total_counts_key"] is not None:
+            key = args["total_counts_key"]
+            if key not in adata.obs.columns:
+                raise KeyError(f"total_counts_key={key!r} is not a column of adata.obs.")
+            total_counts = adata.obs[key].to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(total_counts) | (total_counts < 1)
+            if bad.any():
+                raise ValueError(
+                    f"obs[{key!r}] must hold total counts >= 1; {int(bad.sum())} cells do not "
+                    f"(e.g. {list(adata.obs_names[bad][:3])})."
+                )
+        stats = scan_cells(
+            matrix,
+            mapping.col_to_vocab,
+            input_type=args["input_type"],
+            obs_names=adata.obs_names,
+            var_names=adata.var_names,
+        )
+        log_overlap(mapping, stats.count_fraction)
+        n_obs = adata.n_obs
+        cells = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        if cells.size and (cells.min() < 0 or cells.max() >= n_obs):
+            raise IndexError(f"indices must be in [0, {n_obs}); got {cells.min()}..{cells.max()}.")
+        if total_counts is not None and args["input_type"] == "log1p":
+            # S comes from the given totals, so validity is judged on them.
+            stats = CellStats(total_counts, stats.n_tokens, stats.count_fraction)
+        bad = np.intersect1d(invalid_cells(stats, args["input_type"]), cells)
+        if bad.size and invalid == "raise":
+            raise ValueError(invalid_cells_message(bad, adata.obs_names, stats))
+        if bad.size:
+            logger.warning("Skipping %d cells with fewer than 2 in-vocabulary counts.", bad.size)
+            cells = cells[~np.isin(cells, bad)]
+        if args["input_type"] == "log1p" and total_counts is None:
+            warnings.warn(
+                "Log-normalised input without total_counts_key: S is set to log10 of the sum of "
+                "the given values, as the official scFoundation code does; that is not the "
+                "cell's read depth. Pass total_counts_key=<obs column of total counts> for "
+                "depth-aware embeddings.",
+                UserWarning,
+                stacklevel=3,
+            )
+        spec = InputSpec(
+            input_type=args["input_type"],
+            target_depth=TargetDepth.parse(
+                self.default_target_depth_ if target_depth is None else target_depth
+            ),
+            max_genes=max_genes,
+        )
+        return PreparedInput(matrix, mapping, stats, spec, cells, bad, total_counts)
+
+    # ------------------------------------------------------------------------------------
+    # Inference
+    # ------------------------------------------------------------------------------------
+
+    def _device(self, device: str | torch.device | None) -> torch.device:
+        if device is None:
+            return next(self.module.parameters()).device
+        return settings.resolve_device(str(device))
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        batch_size: int | None = None,
+        pooling: Pooling = "all",
+        *,
+        target_depth: float | str | TargetDepth | None = None,
+        max_tokens: int = 16_384,
+        max_genes: int | None = None,
+        invalid_cells: InvalidCells = "raise",
+        device: str | torch.device | None = None,
+        autocast: bool | None = None,
+        progress_bar: bool | None = None,
+        **setup_overrides,
+    ) -> np.ndarray:
+        """Cell embeddings from the encoder (the decoder never runs).
+
+        Cells are sorted into length buckets, batched under a token budget and streamed in
+        row chunks (also from backed files); the result is in the original cell order. A cell's
+        embedding does not depend on the batch size or on the other cells of its batch.
+
+        Parameters
+        ----------
+        adata
+            AnnData to embed; defaults to the registered one. Need not be registered.
+        indices
+            Cells to embed (default all); the output has one row per index, in that order.
+        batch_size
+            Maximum cells per batch; ``None`` lets ``max_tokens`` decide.
+        pooling
+            ``"all"``: ``[h(S), h(T), max over genes, mean over genes]`` (4 x encoder width,
+            3,072 for scFoundation); ``"max"``: element-wise max over all tokens incl. T and S;
+            ``"mean"``: mean over gene tokens.
+        target_depth
+            The ``T`` token (see :class:`~scxtrimo.data.TargetDepth`); ``None`` uses the
+            model's default (``"t4"`` for scFoundation weights, ``"fold:1"`` for models
+            pretrained by scxtrimo).
+        max_tokens
+            Token budget per batch (memory bound).
+        max_genes
+            Cap on gene tokens per cell.
+        invalid_cells
+            ``"raise"`` (default) or ``"skip"`` cells with < 2 in-vocabulary counts; skipped
+            cells get NaN rows.
+        device
+            Where to compute; defaults to the model's device.
+        autocast
+            bf16 autocast on CUDA (default on CUDA: True; ignored on CPU).
+        progress_bar
+            Show a progress bar (default ``scxtrimo.settings.progress_bar``).
+        **setup_overrides
+            ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
+            ``total_counts_key`` for this AnnData.
+
+        Returns
+        -------
+        ``float32`` array, cells x embedding width.
+        """
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("No AnnData: pass adata=... (the model was created without one).")
+        prep = self.prepare_input(
+            adata,
+            indices=indices,
+            target_depth=target_depth,
+            max_genes=max_genes,
+            invalid=invalid_cells,
+            **setup_overrides,
+        )
+        requested = (
+            np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        )
+        return self._latent_from_prepared(
+            prep,
+            batch_size=batch_size,
+            pooling=pooling,
+            max_tokens=max_tokens,
+            device=device,
+            autocast=autocast,
+            progress_bar=progress_bar,
+        )[requested]
+
+    @torch.inference_mode()
+    def _latent_from_prepared(
+        self,
+        prep: PreparedInput,
+        *,
+        batch_size: int | None,
+        pooling: Pooling,
+        max_tokens: int,
+        device: str | torch.device | None,
+        autocast: bool | None,
+        progress_bar: bool | None,
+    ) -> np.ndarray:
+        """Embeddings of ``prep.cells``, as rows of a (n_obs, width) array (NaN elsewhere)."""
+        if pooling not in ("all", "max", "mean"):
+            raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
+        dev = self._device(device)
+        module = self.module.to(dev).eval()
+        width = (4 if pooling == "all" else 1) * self.config.encoder_dim
+        by_cell = np.full((prep.matrix.shape[0], width), np.nan, dtype=np.float32)
+        use_autocast = dev.type == "cuda" and (autocast is None or autocast)
+        show = settings.progress_bar if progress_bar is None else progress_bar
+
+        def run(tokens: dict[str, np.ndarray]) -> np.ndarray:
+            batch = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in tokens.items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+                z = module.pool(h, batch["padding_mask"], pooling)
+            return z.float().cpu().numpy()
+
+        def run_splitting(tokens: dict[str, np.ndarray]) -> np.ndarray:
+            try:
+                return run(tokens)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                n = tokens["gene_index"].shape[0]
+                if not _is_oom(err) or n == 1:
+                    raise
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning("Out of memory on a batch of %d cells; retrying in halves.", n)
+                half = n // 2
+                first = {k: v[:half] for k, v in tokens.items()}
+                second = {k: v[half:] for k, v in tokens.items()}
+                return np.concatenate([run_splitting(first), run_splitting(second)])
+
+        unique_cells = np.unique(prep.cells)
+        batches = iter_inference_batches(
+            prep.matrix,
+            prep.mapping.col_to_vocab,
+            prep.stats.n_tokens,
+            prep.spec,
+            TokenIndex(self.config.n_genes),
+            cells=unique_cells,
+            total_counts=prep.total_counts,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+        )
+        with tqdm(
+            total=len(unique_cells), desc="Embedding cells", unit="cell", disable=not show
+        ) as bar:
+            for batch in batches:
+                by_cell[batch.cells] = run_splitting(batch.tokens)
+                bar.update(len(batch.cells))
+        return by_cell
+
+    def get_gene_embeddings(self) -> pd.DataFrame:
+        """Context-free gene embeddings: the model's gene-embedding table.
+
+        Returns
+        -------
+        DataFrame indexed by vocabulary gene symbol, one column per encoder dimension.
+        """
+        weight = self.module.gene_embedding_table().detach().float().cpu().numpy()
+        vocab = load_vocabulary()
+        return pd.DataFrame(weight[: vocab.n_genes], index=vocab.symbols.copy())
+
+    # ------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------
+
+    def train(
+        self,
+        max_epochs: int = 10,
+        *,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int | None = None,
+        train_size: float = 0.9,
+        masking: MaskingSpec | dict | None = None,
+        max_genes: int | None = 1024,
+        seed: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        precision: str | int | None = None,
+        gradient_clip_val: float = 1.0,
+        num_workers: int = 0,
+        invalid_cells: InvalidCells = "skip",
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Pretrain (or continue pretraining) with masked regression through Lightning.
+
+        Each epoch, 30% of every cell's non-zero genes and 3% of its zero genes are masked and
+        predicted (MSE on log-normalised values); half of the cells are binomially
+        down-sampled first so that the model learns to map a shallow cell (``S``) to its full
+        depth (``T``). Settings follow scFoundation and can be changed through ``masking``.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells.
+        batch_size
+            Cells per step.
+        lr, weight_decay, warmup_steps
+            AdamW with linear warm-up (default 5% of steps) and cosine decay.
+        train_size
+            Share of cells for training; the rest are held out for validation
+            (``validation_loss`` in :attr:`history`).
+        masking
+            :class:`~scxtrimo.data.MaskingSpec` or a dict of its fields.
+        max_genes
+            Cap on visible gene tokens per cell during training (random-free: highest values).
+        seed
+            Seed for masks, down-sampling, the split, batch order and dropout.
+        accelerator, devices, precision, gradient_clip_val
+            Passed to the Lightning trainer (e.g. ``accelerator="gpu", devices=4,
+            strategy="ddp", precision="bf16-mixed"``).
+        num_workers
+            DataLoader workers building batches in parallel (in-memory data only).
+        invalid_cells
+            Cells with < 2 in-vocabulary counts are ``"skip"``-ped (default) or ``"raise"``.
+        plan_kwargs
+            More arguments for :class:`~scxtrimo.train.XTrimoGeneTrainingPlan`.
+        **trainer_kwargs
+            More arguments for :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
+            (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume...).
+        """
+        if self.adata is None:
+            raise ValueError(
+                "Training needs registered data: XTrimoGene.setup_anndata(adata) and "
+                "XTrimoGene(adata, ...), or model = XTrimoGene.load(path, adata=adata)."
+            )
+        if self.setup_args["input_type"] != "counts":
+            raise ValueError(
+                "Pretraining needs raw counts (down-sampling and depth tokens are computed from "
+                "them); set the model up with input_type='counts'."
+            )
+        seed = self.seed_ if seed is None else seed
+        masking = masking if isinstance(masking, MaskingSpec) else MaskingSpec(**(masking or {}))
+        prep = self.prepare_input(self.adata, invalid=invalid_cells, max_genes=max_genes)
+        if len(prep.cells) < 2:
+            raise ValueError("Training needs at least 2 valid cells.")
+        dataset = PretrainingDataset(
+            prep.matrix,
+            prep.mapping.col_to_vocab,
+            TokenIndex(self.config.n_genes),
+            masking,
+            seed=seed,
+            max_genes=max_genes,
+        )
+        datamodule = PretrainingDataModule(
+            dataset,
+            prep.stats.n_tokens,
+            prep.cells,
+            batch_size=batch_size,
+            train_size=train_size,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=accelerator in ("gpu", "cuda")
+            or (accelerator == "auto" and torch.cuda.is_available()),
+        )
+        plan = self._training_plan_cls(
+            self.module,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            **(plan_kwargs or {}),
+        )
+        trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+        trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+        trainer_kwargs.setdefault("deterministic", "warn")
+        trainer_kwargs.setdefault("benchmark", False)
+        if precision is not None:
+            trainer_kwargs["precision"] = precision
+        torch.manual_seed(seed)
+        self.module.train()
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=datamodule,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )
+        out = runner()
+        self.module.eval()
+        if self.history_:  # Lightning logs 0-d tensors; keep plain floats (JSON, plotting)
+            self.history_ = {k: v.astype(float) for k, v in self.history_.items()}
+        self.training_args_ = {
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "train_size": train_size,
+            "max_genes": max_genes,
+            "seed": seed,
+            "masking": masking.__dict__,
+        }
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # Save / load
+    # ------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model: weights (``model.pt``) and metadata (``model.json``).
+
+        The weights file holds only tensors, so :meth:`load` reads it with
+        ``torch.load(weights_only=True)``; the metadata record the scxtrimo version, the
+        architecture and how the model reads an AnnData.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write (created).
+        prefix
+            Prefix for the file names.
+        overwrite
+            Replace an existing directory's model files.
+        save_anndata
+            Also write the registered AnnData as ``adata.h5ad``.
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        path = Path(dir_path)
+        prefix = prefix or ""
+        weights = path / f"{prefix}{MODEL_FILE}"
+        if weights.exists() and not overwrite:
+            raise FileExistsError(f"{weights} exists; pass overwrite=True to replace it.")
+        path.mkdir(parents=True, exist_ok=True)
+        if save_anndata:
+            if self.adata is None:
+                raise ValueError("save_anndata=True but the model has no AnnData.")
+            self.adata.write_h5ad(path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        history = None
+        if self.history_ is not None:
+            history = {k: v.reset_index().to_dict(orient="list") for k, v in self.history_.items()}
+        metadata = {
+            "format": "scxtrimo-model",
+            "format_version": FORMAT_VERSION,
+            "scxtrimo_version": __version__,
+            "model_class": type(self).__name__,
+            "config": self.config.to_dict(),
+            "setup_args": self.setup_args,
+            "default_target_depth": self.default_target_depth_,
+            "source": self.source_,
+            "seed": self.seed_,
+            "is_trained": bool(self.is_trained_),
+            "training_args": getattr(self, "training_args_", None),
+            "history": history,
+            "registry": _jsonable(self.registry_),
+            "n_parameters": int(sum(p.numel() for p in self.module.parameters())),
+        }
+        _atomic_write(weights, lambda f: torch.save(state, f))
+        _atomic_write(
+            path / f"{prefix}{METADATA_FILE}",
+            lambda f: f.write(json.dumps(metadata, indent=1, default=str).encode()),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        device: str | None = None,
+        prefix: str | None = None,
+    ) -> XTrimoGene:
+        """Load a model written by :meth:`save`.
+
+        Weights are read with ``torch.load(weights_only=True)``: a file crafted to run code on
+        load is refused. The metadata and every tensor name and shape are checked against the
+        architecture before anything is loaded.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData to attach (set up with the saved arguments); ``None`` for inference only.
+        device
+            Device to put the model on (default ``scxtrimo.settings.device``).
+        prefix
+            File-name prefix used when saving.
+        """
+        from ._io import load_state_dict_checked, read_metadata, read_state_dict
+
+        path = Path(dir_path)
+        prefix = prefix or ""
+        metadata = read_metadata(path / f"{prefix}{METADATA_FILE}", expected_class=cls.__name__)
+        config = XTrimoGeneConfig.from_dict(metadata["config"])
+        state = read_state_dict(path / f"{prefix}{MODEL_FILE}")
+        registry = _registry_from_json(metadata.get("registry"), cls.__name__)
+        if adata is not None:
+            cls.setup_anndata(
+                adata, **{k: v for k, v in metadata["setup_args"].items() if v is not None}
+            )
+            model = cls(adata, config=config, seed=metadata.get("seed"))
+        else:
+            model = cls(None, config=config, seed=metadata.get("seed"), registry=registry)
+            model.registry_["setup_args"] = dict(metadata["setup_args"])
+        load_state_dict_checked(model.module, state, source=str(path / f"{prefix}{MODEL_FILE}"))
+        model.default_target_depth_ = metadata.get("default_target_depth", "fold:1")
+        model.source_ = metadata.get("source", "scxtrimo")
+        model.is_trained_ = bool(metadata.get("is_trained", True))
+        model.training_args_ = metadata.get("training_args")
+        if metadata.get("history"):
+            model.history_ = {
+                k: pd.DataFrame(v).set_index("epoch") if "epoch" in v else pd.DataFrame(v)
+                for k, v in metadata["history"].items()
+            }
+        model.to_device(settings.resolve_device(device))
+        model.module.eval()
+        return model
+
+    @classmethod
+    def from_scfoundation(
+        cls,
+        path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        checkpoint: Literal["cell", "rde", "gene"] = "cell",
+        device: str | None = None,
+    ) -> XTrimoGene:
+        """Load the official scFoundation checkpoint (``models.ckpt``).
+
+        The file holds three sub-models: ``"cell"`` for cell embeddings, ``"rde"`` for
+        read-depth-enhanced cell embeddings (use with ``target_depth`` above the cell's depth,
+        e.g. ``"add:1"``), ``"gene"`` for gene embeddings and predicted expression. The file is
+        read with ``torch.load(weights_only=True, mmap=True)`` (never unpickling code, and
+        reading only the chosen sub-model from disk); its structure and every tensor shape are
+        validated before loading. The scFoundation weights are for non-commercial research
+        only (scFoundation License); scxtrimo does not ship them.
+
+        Parameters
+        ----------
+        path
+            Path to ``models.ckpt``.
+        adata
+            AnnData with raw counts to attach (optional).
+        checkpoint
+            Which sub-model to load.
+        device
+            Device to put the model on.
+        """
+        from ._io import load_state_dict_checked
+        from ._scfoundation import LICENSE_NOTICE, read_scfoundation_checkpoint
+
+        config, state, _meta = read_scfoundation_checkpoint(path, checkpoint=checkpoint)
+        logger.info(LICENSE_NOTICE)
+        if adata is not None:
+            cls.setup_anndata(adata)
+            model = cls(adata, config=config)
+        else:
+            model = cls(None, config=config)
+        load_state_dict_checked(model.module, state, source=f"{path} [{checkpoint}]")
+        model.default_target_depth_ = "t4"  # the official default (--tgthighres t4)
+        model.source_ = f"scfoundation:{checkpoint}"
+        model.is_trained_ = True
+        model.to_device(settings.resolve_device(device))
+        model.module.eval()
+        return model
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _empty_registry(model_name: str) -> dict:
+    """A registry for a model without AnnData (inference only)."""
+    return {
+        "scvi_version": "",
+        "model_name": model_name,
+        "setup_method_name": "setup_anndata",
+        "setup_args": dict(_SETUP_DEFAULTS),
+        "field_registries": {},
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _from_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj.get("dtype") or None)
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    return obj
+
+
+def _registry_from_json(registry: dict | None, model_name: str) -> dict:
+    if not registry:
+        return _empty_registry(model_name)
+    return _from_jsonable(registry)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

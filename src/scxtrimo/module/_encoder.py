@@ -1,0 +1,233 @@
+"""Transformer encoder over the gathered (non-zero) tokens of each cell."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MultiHeadSelfAttention", "TransformerEncoder", "TransformerEncoderLayer"]
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused query/key/value projection.
+
+    The fused projection ``qkv_proj`` (weight ``[3 * dim, dim]``, rows ordered q, k, v) has the
+    layout of :class:`torch.nn.MultiheadAttention`'s ``in_proj_weight``/``in_proj_bias``, so those
+    load without conversion.
+
+    Parameters
+    ----------
+    dim
+        Model width.
+    heads
+        Number of heads; must divide ``dim``.
+    dropout
+        Dropout on the attention weights (training only).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"`dim` ({dim}) must be divisible by `heads` ({heads}).")
+        self.dim = dim
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        # Same initialisation as torch.nn.MultiheadAttention.
+        nn.init.xavier_uniform_(self.qkv_proj.weight)
+        nn.init.zeros_(self.qkv_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend.
+
+        Parameters
+        ----------
+        x
+            Tokens ``[B, L, dim]``.
+        attention_mask
+            Boolean, broadcastable to ``[B, heads, L, L]``; ``True`` = may attend.
+
+        Returns
+        -------
+        Attention output ``[B, L, dim]``.
+        """
+        batch_size, length, _ = x.shape
+        head_dim = self.dim // self.heads
+        qkv = self.qkv_proj(x).view(batch_size, length, 3, self.heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(batch_size, length, self.dim)
+        return self.out_proj(out)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """One transformer encoder block (post-LN or pre-LN).
+
+    Post-LN (``norm_first=False``, scFoundation): ``x = LN(x + Attn(x)); x = LN(x + FF(x))``.
+    Pre-LN: ``x = x + Attn(LN(x)); x = x + FF(LN(x))``. Dropout acts on the attention weights,
+    inside the feed-forward block and on both residual branches, in training mode only.
+
+    Parameters
+    ----------
+    dim
+        Model width.
+    heads
+        Number of attention heads.
+    ff_dim
+        Feed-forward hidden width.
+    dropout
+        Dropout rate.
+    activation
+        Feed-forward activation.
+    norm_first
+        Pre-LN if ``True``, post-LN otherwise.
+    layer_norm_eps
+        LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ff_dim: int,
+        dropout: float = 0.1,
+        activation: Literal["relu", "gelu"] = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        attention_dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"`activation` must be 'relu' or 'gelu', got {activation!r}.")
+        self.dropout = dropout
+        self.activation = activation
+        self.norm_first = norm_first
+        # Dropout on attention weights forces the O(L^2)-memory attention kernel in training.
+        attn_p = dropout if attention_dropout is None else attention_dropout
+        self.attention = MultiHeadSelfAttention(dim, heads, dropout=attn_p)
+        self.attention_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.ff_in = nn.Linear(dim, ff_dim)
+        self.ff_out = nn.Linear(ff_dim, dim)
+        self.ff_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+
+    def _attention_block(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.dropout(self.attention(x, attention_mask), self.dropout, self.training)
+
+    def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.ff_in(x)
+        hidden = F.relu(hidden) if self.activation == "relu" else F.gelu(hidden)
+        hidden = F.dropout(hidden, self.dropout, self.training)
+        return F.dropout(self.ff_out(hidden), self.dropout, self.training)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block.
+
+        Parameters
+        ----------
+        x
+            Tokens ``[B, L, dim]``.
+        attention_mask
+            Boolean, broadcastable to ``[B, heads, L, L]``; ``True`` = may attend.
+
+        Returns
+        -------
+        Tokens ``[B, L, dim]``.
+        """
+        if self.norm_first:
+            x = x + self._attention_block(self.attention_norm(x), attention_mask)
+            return x + self._feed_forward_block(self.ff_norm(x))
+        x = self.attention_norm(x + self._attention_block(x, attention_mask))
+        return self.ff_norm(x + self._feed_forward_block(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of :class:`TransformerEncoderLayer` followed by a final LayerNorm.
+
+    Padded positions are excluded as attention keys, so the outputs at real positions do not
+    depend on how much padding a batch carries (outputs *at* padded positions are meaningless).
+    Every row needs at least one non-padded position (the T token always is one).
+
+    Parameters
+    ----------
+    dim
+        Model width.
+    depth
+        Number of layers.
+    heads
+        Number of attention heads.
+    ff_dim
+        Feed-forward hidden width.
+    dropout
+        Dropout rate (training only).
+    activation
+        Feed-forward activation.
+    norm_first
+        Pre-LN if ``True``, post-LN otherwise.
+    layer_norm_eps
+        LayerNorm epsilon.
+    attention_dropout
+        Dropout on attention weights; ``None`` uses ``dropout``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        ff_dim: int,
+        dropout: float = 0.1,
+        activation: Literal["relu", "gelu"] = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+        attention_dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(
+                dim,
+                heads,
+                ff_dim,
+                dropout=dropout,
+                activation=activation,
+                norm_first=norm_first,
+                layer_norm_eps=layer_norm_eps,
+                attention_dropout=attention_dropout,
+            )
+            for _ in range(depth)
+        )
+        self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode.
+
+        Parameters
+        ----------
+        x
+            Token embeddings ``[B, L, dim]``.
+        padding_mask
+            Boolean ``[B, L]``; ``True`` marks padding.
+
+        Returns
+        -------
+        Encoded tokens ``[B, L, dim]``.
+        """
+        attention_mask = None
+        if padding_mask is not None:
+            # [B, 1, 1, L]: every query may attend to every non-padded key.
+            attention_mask = ~padding_mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, attention_mask)
+        return self.final_norm(x)

@@ -1,0 +1,519 @@
+"""The xTrimoGene asymmetric encoder/decoder as a scvi-tools module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from scvi.module.base import BaseModuleClass, LossOutput
+from torch import nn
+
+from ._configs import XTrimoGeneConfig, get_config
+from ._embedding import AutoDiscretizationEmbedding
+from ._encoder import TransformerEncoder
+from ._performer import KeyStabilizer, PerformerDecoder
+
+__all__ = ["XTrimoGeneModule"]
+
+Pooling = Literal["all", "max", "mean"]
+_POOLINGS = ("all", "max", "mean")
+
+
+class XTrimoGeneModule(BaseModuleClass):
+    """xTrimoGene / scFoundation: auto-discretised values, transformer encoder, Performer decoder.
+
+    The encoder sees only each cell's non-zero genes plus the read-depth tokens; the decoder sees
+    every gene position. Batches are dictionaries of tensors (``B`` cells, ``L`` encoder tokens,
+    ``M`` masked slots):
+
+    - ``gene_index`` int64 ``[B, L]``, ``value`` float32 ``[B, L]``, ``padding_mask`` bool
+      ``[B, L]`` (``True`` = padding). Column 0 is the **T** token (gene index ``n_genes``),
+      column 1 the **S** token (``n_genes + 1``), then the cell's non-zero genes, then padding.
+    - Pretraining adds ``masked_index`` int64 ``[B, M]`` (gene indices), ``masked_value`` float32
+      ``[B, M]`` (decoder input value where not a mask token), ``masked_token`` bool ``[B, M]``
+      (``True`` = learned mask embedding), ``masked_pad`` bool ``[B, M]`` (``True`` = unused slot)
+      and ``target_value`` float32 ``[B, M]``. Masked genes must not be visible to the encoder.
+    - Fine-tuning with ``n_labels > 0`` adds ``labels`` int64 ``[B]`` or ``[B, 1]``.
+
+    Parameters
+    ----------
+    config
+        Configuration: a name from :data:`~scxtrimo.module.CONFIGS`, a mapping of fields or an
+        :class:`~scxtrimo.module.XTrimoGeneConfig`.
+    n_labels
+        Number of classes of an optional linear classification head on the ``"all"`` cell
+        embedding; 0 for none.
+    **overrides
+        Configuration fields to replace.
+    """
+
+    def __init__(
+        self,
+        config: XTrimoGeneConfig | str | Mapping[str, Any] = "small",
+        n_labels: int = 0,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        self.config = get_config(config, **overrides)
+        self.n_labels = int(n_labels)
+        cfg = self.config
+        self.value_embedding = AutoDiscretizationEmbedding(
+            cfg.bin_num, cfg.encoder_dim, alpha=cfg.bin_alpha
+        )
+        self.gene_embedding = nn.Embedding(cfg.n_gene_embeddings, cfg.encoder_dim)
+        self.encoder = TransformerEncoder(
+            cfg.encoder_dim,
+            cfg.encoder_depth,
+            cfg.encoder_heads,
+            cfg.encoder_ff_dim,
+            dropout=cfg.encoder_dropout,
+            attention_dropout=cfg.encoder_attention_dropout,
+            activation=cfg.encoder_activation,
+            norm_first=cfg.encoder_norm_first,
+            layer_norm_eps=cfg.layer_norm_eps,
+        )
+        self.decoder_embed = nn.Linear(cfg.encoder_dim, cfg.decoder_dim)
+        self.decoder = PerformerDecoder(
+            cfg.decoder_dim,
+            cfg.decoder_depth,
+            cfg.decoder_heads,
+            cfg.decoder_dim_head,
+            cfg.decoder_ff_dim,
+            nb_features=cfg.nb_features,
+            feature_redraw_interval=cfg.decoder_feature_redraw_interval,
+            layer_norm_eps=cfg.layer_norm_eps,
+        )
+        self.head_norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.layer_norm_eps)
+        self.expression_head = nn.Linear(cfg.decoder_dim, 1)
+        self.classifier = (
+            nn.Linear(4 * cfg.encoder_dim, self.n_labels) if self.n_labels > 0 else None
+        )
+
+    def gene_embedding_table(self) -> torch.Tensor:
+        """The context-free gene-embedding table ``[n_genes + 3, encoder_dim]``.
+
+        Rows ``0 .. n_genes - 1`` are genes in vocabulary order, then T, S and the padding row.
+        """
+        return self.gene_embedding.weight
+
+    # -- encoder ----------------------------------------------------------------------------------
+    def encode(
+        self, gene_index: torch.Tensor, value: torch.Tensor, padding_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode the gathered tokens of each cell.
+
+        Parameters
+        ----------
+        gene_index
+            Gene indices ``[B, L]`` (int64).
+        value
+            Values ``[B, L]`` (log1p-normalised expression; read-depth tokens in log10).
+        padding_mask
+            ``[B, L]``, ``True`` = padding.
+
+        Returns
+        -------
+        Encoder outputs ``[B, L, encoder_dim]`` (meaningless at padded positions).
+        """
+        padding_mask = padding_mask.to(torch.bool)
+        # Padded slots may carry any index; point them at the padding row so lookups are valid.
+        gene_index = gene_index.masked_fill(padding_mask, self.config.padding_index)
+        tokens = self.value_embedding(value, padding=padding_mask) + self.gene_embedding(gene_index)
+        return self.encoder(tokens, padding_mask)
+
+    @staticmethod
+    def pool(h: torch.Tensor, padding_mask: torch.Tensor, pooling: Pooling = "all") -> torch.Tensor:
+        """Pool encoder outputs into one vector per cell.
+
+        Parameters
+        ----------
+        h
+            Encoder outputs ``[B, L, d]`` (column 0 = T, column 1 = S).
+        padding_mask
+            ``[B, L]``, ``True`` = padding; padded positions never contribute.
+        pooling
+            ``"all"``: ``[h_S, h_T, max over genes, mean over genes]`` (``4 d``, the official
+            default); ``"max"``: element-wise max over all non-padded positions including T and S
+            (official ``pool_type=max``, ``d``); ``"mean"``: mean over genes (``d``). A cell
+            without genes gets zeros for the gene max and mean.
+
+        Returns
+        -------
+        Cell embeddings ``[B, 4 d]`` or ``[B, d]``.
+        """
+        if pooling not in _POOLINGS:
+            raise ValueError(f"`pooling` must be one of {_POOLINGS}, got {pooling!r}.")
+        valid = ~padding_mask.to(torch.bool)
+        if pooling == "max":
+            return h.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(dim=1)
+        is_gene_column = torch.arange(h.shape[1], device=h.device) >= 2
+        gene_valid = (valid & is_gene_column).unsqueeze(-1)
+        n_genes = gene_valid.sum(dim=1)
+        gene_mean = h.masked_fill(~gene_valid, 0.0).sum(dim=1) / n_genes.clamp(min=1)
+        if pooling == "mean":
+            return gene_mean
+        gene_max = h.masked_fill(~gene_valid, float("-inf")).amax(dim=1)
+        gene_max = gene_max.masked_fill(n_genes == 0, 0.0)
+        return torch.cat([h[:, 1], h[:, 0], gene_max, gene_mean], dim=-1)
+
+    # -- decoder ----------------------------------------------------------------------------------
+    def _decoder_input(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor | None,
+        masked_value: torch.Tensor | None,
+        masked_token: torch.Tensor | None,
+        masked_pad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decoder input ``[B, n_genes + 2, decoder_dim]`` (after ``decoder_embed``)."""
+        cfg = self.config
+        batch_size = h.shape[0]
+        dump_row = cfg.padding_index  # == n_genes + 2: scatter target for unused slots
+        gene_table = self.gene_embedding.weight
+        # Positions neither visible nor masked hold the value 0; their decoder input is the same
+        # for every cell, so compute it once per forward ([n_genes + 3, d_dec], incl. dump row).
+        zero_value = torch.zeros(1, device=h.device, dtype=gene_table.dtype)
+        constant_input = self.decoder_embed(self.value_embedding(zero_value) + gene_table)
+
+        padding_mask = padding_mask.to(torch.bool)
+        visible_index = gene_index.masked_fill(padding_mask, dump_row)
+        # Encoder outputs receive the gene embedding a second time (as in scFoundation).
+        indices = [visible_index]
+        rows = [self.decoder_embed(h + self.gene_embedding(visible_index))]
+        if masked_index is not None:
+            unused = (
+                masked_pad.to(torch.bool)
+                if masked_pad is not None
+                else torch.zeros_like(masked_index, dtype=torch.bool)
+            )
+            masked_index = masked_index.masked_fill(unused, dump_row)
+            if masked_value is None:
+                masked_value = torch.zeros(masked_index.shape, device=h.device, dtype=h.dtype)
+            if masked_token is not None:
+                masked_token = masked_token.to(torch.bool)
+            masked_rows = self.value_embedding(masked_value, mask_token=masked_token)
+            indices.append(masked_index)
+            rows.append(self.decoder_embed(masked_rows + self.gene_embedding(masked_index)))
+        index = torch.cat(indices, dim=1)
+        source = torch.cat(rows, dim=1)
+        decoder_input = constant_input.unsqueeze(0).expand(batch_size, -1, -1)
+        decoder_input = decoder_input.scatter(
+            1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]), source
+        )
+        return decoder_input[:, : cfg.seq_len]
+
+    def decode(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor | None = None,
+        masked_value: torch.Tensor | None = None,
+        masked_token: torch.Tensor | None = None,
+        masked_pad: torch.Tensor | None = None,
+        key_stabilizer: KeyStabilizer = "cell",
+    ) -> torch.Tensor:
+        """Run the decoder over every gene position.
+
+        The decoder input at each of the ``n_genes + 2`` positions is: the encoder output plus the
+        gene embedding where the encoder saw the position (incl. T and S); the value embedding of
+        ``masked_value`` (or the mask embedding where ``masked_token``) plus the gene embedding at
+        masked positions; the embedding of the value 0 plus the gene embedding elsewhere. It is
+        then projected by ``decoder_embed`` and passed through the Performer.
+
+        Parameters
+        ----------
+        h
+            Encoder outputs ``[B, L, encoder_dim]``.
+        gene_index
+            Encoder gene indices ``[B, L]``.
+        padding_mask
+            Encoder padding ``[B, L]``.
+        masked_index
+            Masked gene indices ``[B, M]`` (never visible to the encoder), or ``None``.
+        masked_value
+            Decoder input values at masked positions ``[B, M]`` (``None``: 0).
+        masked_token
+            ``[B, M]``, ``True`` = use the learned mask embedding (``None``: no mask tokens).
+        masked_pad
+            ``[B, M]``, ``True`` = unused slot (``None``: all slots used).
+        key_stabilizer
+            ``"cell"`` (outputs independent of the other cells in the batch) or ``"batch"`` (the
+            official batched behaviour); see :func:`~scxtrimo.module.favor_softmax_features`.
+
+        Returns
+        -------
+        Decoder outputs ``[B, n_genes + 2, decoder_dim]`` after the Performer's final LayerNorm.
+        """
+        decoder_input = self._decoder_input(
+            h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+        )
+        return self.decoder(decoder_input, key_stabilizer=key_stabilizer)
+
+    @staticmethod
+    def _select_positions(decoded: torch.Tensor, genes: torch.Tensor | None) -> torch.Tensor:
+        if genes is None:
+            return decoded
+        genes = genes.to(device=decoded.device, dtype=torch.long)
+        if genes.ndim == 1:
+            return decoded.index_select(1, genes)
+        return decoded.gather(1, genes.unsqueeze(-1).expand(-1, -1, decoded.shape[-1]))
+
+    def gene_embeddings(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor | None = None,
+        masked_value: torch.Tensor | None = None,
+        masked_token: torch.Tensor | None = None,
+        masked_pad: torch.Tensor | None = None,
+        key_stabilizer: KeyStabilizer = "cell",
+        genes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Context-specific gene embeddings (decoder output after the head LayerNorm).
+
+        Parameters
+        ----------
+        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer
+            As in :meth:`decode`.
+        genes
+            Positions to return: int64 ``[G]`` (same for every cell) or ``[B, G]``; ``None``
+            returns all ``n_genes + 2`` positions (callers usually keep ``[:, :n_genes]``).
+
+        Returns
+        -------
+        Gene embeddings ``[B, n_genes + 2 or G, decoder_dim]``.
+        """
+        decoded = self.decode(
+            h,
+            gene_index,
+            padding_mask,
+            masked_index,
+            masked_value,
+            masked_token,
+            masked_pad,
+            key_stabilizer=key_stabilizer,
+        )
+        return self.head_norm(self._select_positions(decoded, genes))
+
+    def expression(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor | None = None,
+        masked_value: torch.Tensor | None = None,
+        masked_token: torch.Tensor | None = None,
+        masked_pad: torch.Tensor | None = None,
+        key_stabilizer: KeyStabilizer = "cell",
+        genes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted expression (log1p-normalised scale) at every or selected positions.
+
+        Parameters
+        ----------
+        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer, genes
+            As in :meth:`gene_embeddings`.
+
+        Returns
+        -------
+        Predictions ``[B, n_genes + 2 or G]``.
+        """
+        embeddings = self.gene_embeddings(
+            h,
+            gene_index,
+            padding_mask,
+            masked_index,
+            masked_value,
+            masked_token,
+            masked_pad,
+            key_stabilizer=key_stabilizer,
+            genes=genes,
+        )
+        return self.expression_head(embeddings).squeeze(-1)
+
+    # -- scvi-tools hooks -------------------------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            "gene_index": tensors["gene_index"],
+            "value": tensors["value"],
+            "padding_mask": tensors["padding_mask"],
+        }
+
+    def inference(
+        self,
+        gene_index: torch.Tensor,
+        value: torch.Tensor,
+        padding_mask: torch.Tensor,
+        pooling: Pooling = "all",
+    ) -> dict[str, torch.Tensor]:
+        """Encode and pool.
+
+        Parameters
+        ----------
+        gene_index, value, padding_mask
+            Encoder batch, see :meth:`encode`.
+        pooling
+            Pooling of the returned ``z`` (see :meth:`pool`); the classifier always uses
+            ``"all"``.
+
+        Returns
+        -------
+        ``{"h": encoder outputs [B, L, d], "z": cell embeddings}`` plus ``"logits"`` ``[B,
+        n_labels]`` when the module has a classification head.
+        """
+        h = self.encode(gene_index, value, padding_mask)
+        z_all = self.pool(h, padding_mask, "all")
+        outputs = {"h": h, "z": z_all if pooling == "all" else self.pool(h, padding_mask, pooling)}
+        if self.classifier is not None:
+            outputs["logits"] = self.classifier(z_all)
+        return outputs
+
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | None]:
+        return {
+            "h": inference_outputs["h"],
+            "gene_index": tensors["gene_index"],
+            "padding_mask": tensors["padding_mask"],
+            "masked_index": tensors.get("masked_index"),
+            "masked_value": tensors.get("masked_value"),
+            "masked_token": tensors.get("masked_token"),
+            "masked_pad": tensors.get("masked_pad"),
+        }
+
+    def generative(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor | None = None,
+        masked_value: torch.Tensor | None = None,
+        masked_token: torch.Tensor | None = None,
+        masked_pad: torch.Tensor | None = None,
+        key_stabilizer: KeyStabilizer = "cell",
+    ) -> dict[str, torch.Tensor | None]:
+        """Predict the values at the masked positions.
+
+        The decoder runs over all positions but the expression head only at the ``M`` masked
+        ones. Without ``masked_index`` (e.g. classification fine-tuning) the decoder is skipped.
+
+        Parameters
+        ----------
+        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer
+            As in :meth:`decode`.
+
+        Returns
+        -------
+        ``{"prediction": [B, M]}`` (``None`` without masked positions; padded slots hold
+        meaningless values).
+        """
+        if masked_index is None:
+            return {"prediction": None}
+        unused = (
+            masked_pad.to(torch.bool)
+            if masked_pad is not None
+            else torch.zeros_like(masked_index, dtype=torch.bool)
+        )
+        positions = masked_index.masked_fill(unused, 0)
+        prediction = self.expression(
+            h,
+            gene_index,
+            padding_mask,
+            masked_index,
+            masked_value,
+            masked_token,
+            masked_pad,
+            key_stabilizer=key_stabilizer,
+            genes=positions,
+        )
+        return {"prediction": prediction}
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, torch.Tensor],
+        generative_outputs: dict[str, torch.Tensor | None],
+        classification_weight: float = 1.0,
+    ) -> LossOutput:
+        """Masked-regression loss and, with labels and a classifier, cross-entropy.
+
+        Parameters
+        ----------
+        tensors
+            The batch.
+        inference_outputs
+            Output of :meth:`inference`.
+        generative_outputs
+            Output of :meth:`generative`.
+        classification_weight
+            Weight of the cross-entropy term in ``loss``.
+
+        Returns
+        -------
+        ``loss`` = mean squared error over all used masked slots (+ weighted cross-entropy);
+        ``reconstruction_loss`` = per-cell masked MSE ``[B]``; ``extra_metrics``:
+        ``masked_mse_nonzero``/``masked_mse_zero`` (MSE over slots with non-zero / zero target).
+        """
+        prediction = generative_outputs.get("prediction")
+        has_labels = self.classifier is not None and "labels" in tensors
+        if prediction is None and not has_labels:
+            raise ValueError(
+                "The batch has neither masked positions (`masked_index`, `target_value`) nor "
+                "`labels` for a classification head, so there is no loss to compute."
+            )
+        batch_size = inference_outputs["h"].shape[0]
+        total = inference_outputs["h"].new_zeros(())
+        reconstruction_loss = None
+        extra_metrics: dict[str, torch.Tensor] = {}
+        if prediction is not None:
+            target = tensors["target_value"].to(prediction.dtype)
+            masked_pad = tensors.get("masked_pad")
+            used = (
+                ~masked_pad.to(torch.bool)
+                if masked_pad is not None
+                else torch.ones_like(target, dtype=torch.bool)
+            )
+            squared_error = (prediction - target).square().masked_fill(~used, 0.0)
+            n_used = used.sum(dim=1)
+            reconstruction_loss = squared_error.sum(dim=1) / n_used.clamp(min=1)
+            total = total + squared_error.sum() / n_used.sum().clamp(min=1)
+            nonzero = used & (target != 0)
+            zero = used & (target == 0)
+            extra_metrics["masked_mse_nonzero"] = (
+                squared_error.masked_fill(~nonzero, 0.0).sum() / nonzero.sum().clamp(min=1)
+            ).detach()
+            extra_metrics["masked_mse_zero"] = (
+                squared_error.masked_fill(~zero, 0.0).sum() / zero.sum().clamp(min=1)
+            ).detach()
+        classification = {}
+        if has_labels:
+            logits = inference_outputs["logits"]
+            labels = tensors["labels"].reshape(-1).to(device=logits.device, dtype=torch.long)
+            classification_loss = F.cross_entropy(logits, labels)
+            total = total + classification_weight * classification_loss
+            classification = {
+                "classification_loss": classification_loss,
+                "logits": logits,
+                "true_labels": labels,
+            }
+        return LossOutput(
+            loss=total,
+            reconstruction_loss=reconstruction_loss,
+            n_obs_minibatch=batch_size,
+            extra_metrics=extra_metrics,
+            **classification,
+        )
+
+    @torch.inference_mode()
+    def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Not available: xTrimoGene is not a generative model one can sample from."""
+        raise NotImplementedError(
+            "XTrimoGeneModule is a masked-regression foundation model and has no likelihood to "
+            "sample from; use `expression()` for predicted (log1p-normalised) expression."
+        )

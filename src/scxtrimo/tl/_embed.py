@@ -1,0 +1,210 @@
+"""``scxtrimo.tl.embed``: cell embeddings into ``.obsm``, scanpy style."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from anndata import AnnData
+
+from scxtrimo import __version__
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+    from scxtrimo.model import XTrimoGene
+
+ModelLike = "XTrimoGene | str | os.PathLike | None"
+
+
+def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene:
+    """Turn what a user passed as ``model`` into an :class:`~scxtrimo.model.XTrimoGene`.
+
+    Parameters
+    ----------
+    model
+        An :class:`~scxtrimo.model.XTrimoGene`; a directory written by
+        :meth:`~scxtrimo.model.XTrimoGene.save`; the official scFoundation checkpoint file
+        (``models.ckpt``, its ``"cell"`` sub-model); or ``None`` for the pretrained model
+        shipped with scxtrimo.
+    device
+        Device for a model loaded here.
+    """
+    from scxtrimo.model import XTrimoGene
+
+    if isinstance(model, XTrimoGene):
+        return model
+    if model is None:
+        from scxtrimo.model._pretrained import load_default_model
+
+        return load_default_model(device=device)
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if path.is_dir():
+            return XTrimoGene.load(path, device=device)
+        if path.is_file():
+            return XTrimoGene.from_scfoundation(path, checkpoint="cell", device=device)
+        raise FileNotFoundError(
+            f"model={str(model)!r} does not exist. Pass an XTrimoGene, a folder written by "
+            "XTrimoGene.save, the scFoundation 'models.ckpt' file, or None for the default model."
+        )
+    raise TypeError(f"model must be an XTrimoGene, a path or None, not {type(model).__name__}.")
+
+
+def _target(adata: AnnData | MuData, mod: str | None) -> AnnData:
+    try:
+        from mudata import MuData
+    except ImportError:  # pragma: no cover - mudata is a dependency
+        MuData = ()  # type: ignore[assignment]
+    if isinstance(adata, MuData):
+        if mod not in adata.mod:
+            raise KeyError(
+                f"mod={mod!r} is not a modality of this MuData; modalities: {list(adata.mod)}."
+            )
+        return adata.mod[mod]
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"Expected an AnnData or MuData, got {type(adata).__name__}.")
+    return adata
+
+
+def embed(
+    adata: AnnData | MuData,
+    model: XTrimoGene | str | os.PathLike | None = None,
+    *,
+    key_added: str = "X_scxtrimo",
+    layer: str | None = None,
+    gene_symbols_key: str | None = None,
+    gene_ids_key: str | None = None,
+    input_type: Literal["counts", "log1p"] | None = None,
+    total_counts_key: str | None = None,
+    batch_size: int | None = None,
+    max_tokens: int = 16_384,
+    pooling: Literal["all", "max", "mean"] = "all",
+    target_depth: float | str | None = None,
+    invalid_cells: Literal["raise", "skip"] = "raise",
+    mod: str = "rna",
+    device: str | None = None,
+    progress_bar: bool | None = None,
+    copy: bool = False,
+) -> AnnData | MuData | None:
+    """Embed cells with an xTrimoGene / scFoundation model.
+
+    Writes the cell embeddings to ``.obsm[key_added]`` and the parameters and gene-overlap
+    report to ``.uns["scxtrimo"][key_added]``; nothing else of ``adata`` is changed. Use the
+    embedding like a PCA: ``sc.pp.neighbors(adata, use_rep="X_scxtrimo")``.
+
+    Parameters
+    ----------
+    adata
+        Raw counts (in ``.X`` or ``layer``); in memory or backed (``backed="r"``, read in
+        chunks). A :class:`~mudata.MuData` is embedded through its modality ``mod`` and the
+        result is also written to ``mdata.obsm[key_added]``.
+    model
+        An :class:`~scxtrimo.model.XTrimoGene`, a saved-model directory, the official
+        scFoundation ``models.ckpt``, or ``None`` for the pretrained model shipped with
+        scxtrimo.
+    key_added
+        Key in ``.obsm`` (and in ``.uns["scxtrimo"]``).
+    layer
+        Layer with the input values; ``None`` uses ``.X`` (or what the model was set up with).
+    gene_symbols_key, gene_ids_key
+        ``var`` columns with gene symbols / Ensembl IDs; default ``var_names`` as symbols.
+    input_type
+        ``"counts"`` (default) or ``"log1p"`` for log-normalised input.
+    total_counts_key
+        ``obs`` column of total counts (the read depth S) for log-normalised input.
+    batch_size
+        Maximum cells per batch; ``None`` lets ``max_tokens`` decide.
+    max_tokens
+        Token budget per batch; bounds memory whatever the cells' depth.
+    pooling
+        ``"all"``, ``"max"`` or ``"mean"``; see
+        :meth:`~scxtrimo.model.XTrimoGene.get_latent_representation`.
+    target_depth
+        The target read depth T (e.g. ``4.0``, ``"t4"``, ``"fold:2"``, ``"add:1"``); ``None``
+        uses the model's default.
+    invalid_cells
+        Cells with fewer than 2 in-vocabulary counts: ``"raise"`` or ``"skip"`` (NaN rows).
+    mod
+        Modality to embed when ``adata`` is a MuData.
+    device
+        ``"cpu"``, ``"cuda"``...; default ``scxtrimo.settings.device``.
+    progress_bar
+        Show a progress bar (default ``scxtrimo.settings.progress_bar``).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the modified copy when ``copy=True``. Sets
+
+    ``.obsm[key_added]``
+        ``float32`` array, cells x embedding width.
+    ``.uns["scxtrimo"][key_added]``
+        Model, pooling, target depth, input settings, scxtrimo version and gene overlap.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import scxtrimo
+    >>> adata = scxtrimo.datasets.pbmc4k()
+    >>> scxtrimo.tl.embed(adata)
+    >>> sc.pp.neighbors(adata, use_rep="X_scxtrimo")
+    >>> sc.tl.umap(adata)
+    """
+    if copy:
+        if getattr(adata, "isbacked", False):
+            raise ValueError("copy=True is not possible for a backed AnnData; use copy=False.")
+        adata = adata.copy()
+    target = _target(adata, mod)
+    net = resolve_model(model, device=device)
+    overrides = {
+        "layer": layer,
+        "gene_symbols_key": gene_symbols_key,
+        "gene_ids_key": gene_ids_key,
+        "input_type": input_type,
+        "total_counts_key": total_counts_key,
+    }
+    prep = net.prepare_input(
+        target,
+        target_depth=target_depth,
+        invalid=invalid_cells,
+        **overrides,
+    )
+    emb = net._latent_from_prepared(
+        prep,
+        batch_size=batch_size,
+        pooling=pooling,
+        max_tokens=max_tokens,
+        device=device,
+        autocast=None,
+        progress_bar=progress_bar,
+    )
+    target.obsm[key_added] = emb
+    params = {
+        "model": net.source_,
+        "model_config": getattr(net.config, "name", None) or "custom",
+        "pooling": pooling,
+        "target_depth": prep.spec.target_depth.official(),
+        "input_type": prep.spec.input_type,
+        "layer": net.setup_args["layer"] if layer is None else layer,
+        "n_skipped_cells": int(prep.skipped.size),
+        "embedding_width": int(emb.shape[1]),
+        "scxtrimo_version": __version__,
+        "gene_overlap": prep.mapping.summary(prep.stats.count_fraction),
+    }
+    target.uns.setdefault("scxtrimo", {})[key_added] = params
+    if target is not adata:  # MuData: also where scverse tools look for joint embeddings
+        adata.obsm[key_added] = _expand_to_mudata(adata, target, emb, mod)
+    return adata if copy else None
+
+
+def _expand_to_mudata(mdata: MuData, target: AnnData, emb: np.ndarray, mod: str) -> np.ndarray:
+    """Rows of ``emb`` placed at the MuData observations of modality ``mod`` (NaN elsewhere)."""
+    out = np.full((mdata.n_obs, emb.shape[1]), np.nan, dtype=emb.dtype)
+    where = mdata.obsmap[mod]  # 1-based row in the modality, 0 where absent
+    present = where > 0
+    out[present] = emb[where[present] - 1]
+    return out

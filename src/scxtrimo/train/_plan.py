@@ -1,0 +1,132 @@
+"""Training plan for pretraining and fine-tuning: AdamW, linear warm-up, cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scvi.train import TrainingPlan
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class XTrimoGeneTrainingPlan(TrainingPlan):
+    """Lightning module that trains an :class:`~scxtrimo.module.XTrimoGeneModule`.
+
+    scvi-tools' default plan is tuned for VAEs (Adam with ``eps=0.01``, no warm-up); a
+    transformer wants AdamW without weight decay on biases, norms and embedding tables, a
+    linear warm-up and a cosine decay, stepped every batch.
+
+    Parameters
+    ----------
+    module
+        The module to train.
+    lr
+        Peak learning rate.
+    weight_decay
+        AdamW weight decay for weight matrices.
+    betas, eps
+        AdamW parameters.
+    warmup_steps
+        Linear warm-up steps; ``None`` uses 5% of all steps.
+    min_lr_ratio
+        Learning rate at the end of the cosine decay, relative to ``lr``.
+    **kwargs
+        Passed to :class:`scvi.train.TrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.05,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            module, optimizer="AdamW", lr=lr, weight_decay=weight_decay, eps=eps, **kwargs
+        )
+        self.betas = betas
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def _param_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Biases, norms and embedding tables are not regularised towards zero.
+            if param.ndim < 2 or "emb" in name or "norm" in name:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        return [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        """AdamW with a per-step warm-up + cosine schedule."""
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=self.lr, betas=self.betas, eps=self.eps
+        )
+        total = int(max(1, self.trainer.estimated_stepping_batches))
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def _step(self, batch: dict, mode: str) -> torch.Tensor:
+        _, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The {mode} loss became {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}). Lower the learning rate (lr), keep gradient "
+                "clipping on, or use precision='32-true'; the last good weights are those of "
+                "the previous checkpoint."
+            )
+        n = int(batch["gene_index"].shape[0])
+        self.log(
+            f"{mode}_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=n,
+            sync_dist=self.use_sync_dist,
+        )
+        for key, value in (out.extra_metrics or {}).items():
+            if isinstance(value, torch.Tensor) and value.ndim == 0:
+                self.log(
+                    f"{key}_{mode}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=n,
+                    sync_dist=self.use_sync_dist,
+                )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        """One optimisation step; a non-finite loss stops training with the step number."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        """Masked-regression loss on held-out cells."""
+        self._step(batch, "validation")

@@ -1,0 +1,44 @@
+"""Shared fixtures: small slices of the real PBMC data shipped with scxtrimo, tiny models."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import scxtrimo
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "dev", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+scxtrimo.settings.progress_bar = False
+scxtrimo.settings.verbosity = "warning"
+
+
+@pytest.fixture(scope="session")
+def pbmc_full():
+    """All 2,170 real PBMCs (raw counts). Do not modify: copy first."""
+    return scxtrimo.datasets.pbmc4k()
+
+
+@pytest.fixture
+def pbmc(pbmc_full):
+    """120 real PBMCs of mixed depth, a fresh copy per test."""
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(pbmc_full.n_obs, 120, replace=False))
+    return pbmc_full[idx].copy()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """An untrained tiny model on the full vocabulary (plumbing tests)."""
+    from scxtrimo.model import XTrimoGene
+
+    return XTrimoGene(None, config="tiny", seed=0)
