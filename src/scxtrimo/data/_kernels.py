@@ -374,6 +374,124 @@ def _zero_genes_by_bitmap(genes, a, b, n_genes, k, lowest_bit):
 # --------------------------------------------------------------------------------------------
 
 
+# The per-row (or per-chunk) work of each parallel kernel lives in a plain njit helper that
+# the prange loop calls. Numba's parfor passes then see only an opaque call, which keeps the
+# parallel kernels several times quicker to compile, and the serial twins reuse the same
+# compiled helpers.
+
+
+@_jit()
+def _gather_dense_rows(
+    lo,
+    hi,
+    indptr,
+    indices,
+    data,
+    col_to_vocab,
+    rows,
+    n_vocab,
+    lowest_bit,
+    bound,
+    genes_tmp,
+    counts_tmp,
+    lengths,
+    err,
+):
+    # Dense strategy, for vocabulary-sized gene ranges: accumulate a row into a dense scratch
+    # vector and mark touched genes in a bitmap; walking the bitmap words then yields the
+    # genes already sorted. This is a one-pass radix sort, several times cheaper than a
+    # comparison sort of each row's entries. The value scratch needs no zeroing (a gene's
+    # first entry assigns, later ones add, in CSR order) and the bitmap is cleared while it
+    # is walked, so the scratch is allocated once for rows lo..hi and a row's result cannot
+    # depend on which rows share it.
+    n_cols = col_to_vocab.shape[0]
+    n_words = (n_vocab + 63) >> 6
+    acc = np.empty(max(n_vocab, 1), np.float64)
+    bits = np.zeros(max(n_words, 1), np.uint64)
+    for i in range(lo, hi):
+        r = rows[i]
+        a = np.int64(indptr[r])
+        b = np.int64(indptr[r + 1])
+        lo_word = n_words
+        hi_word = np.int64(-1)
+        for p in range(a, b):
+            col = np.int64(indices[p])
+            if col < 0 or col >= n_cols:
+                err[i] = 1
+                break
+            g = col_to_vocab[col]
+            if g >= 0:
+                wd = g >> 6
+                bit = np.uint64(1) << np.uint64(g & 63)
+                if bits[wd] & bit:
+                    acc[g] += np.float64(data[p])
+                else:
+                    acc[g] = np.float64(data[p])
+                    bits[wd] |= bit
+                    lo_word = min(lo_word, wd)
+                    hi_word = max(hi_word, wd)
+        w = bound[i]
+        for wd in range(lo_word, hi_word + 1):
+            word = bits[wd]
+            bits[wd] = np.uint64(0)
+            while word != np.uint64(0):
+                low = word & (np.uint64(0) - word)
+                word ^= low
+                g = (wd << 6) + lowest_bit[(low * _DEBRUIJN) >> _S58]
+                v = acc[g]
+                if v != 0.0:
+                    genes_tmp[w] = g
+                    counts_tmp[w] = v
+                    w += 1
+        lengths[i + 1] = w - bound[i]
+
+
+@_jit()
+def _gather_sorted_row(
+    i, indptr, indices, data, col_to_vocab, rows, keys, bound, genes_tmp, counts_tmp, lengths, err
+):
+    # Sparse strategy, for huge gene ranges where dense scratch would not fit: encode
+    # (gene, position) in one int64 key so that a single in-place sort orders by gene and,
+    # within a gene, by CSR position (the same summation order as the dense strategy), then
+    # merge runs of equal genes.
+    n_cols = col_to_vocab.shape[0]
+    r = rows[i]
+    a = np.int64(indptr[r])
+    b = np.int64(indptr[r + 1])
+    o = bound[i]
+    k = o
+    for p in range(a, b):
+        col = np.int64(indices[p])
+        if col < 0 or col >= n_cols:
+            err[i] = 1
+            break
+        g = col_to_vocab[col]
+        if g >= 0:
+            keys[k] = (g << 32) | (p - a)
+            k += 1
+    keys[o:k].sort()
+    w = o
+    cur = np.int64(-1)
+    acc = 0.0
+    for t in range(o, k):
+        g = keys[t] >> 32
+        v = np.float64(data[a + (keys[t] & _LOW32)])
+        if g != cur:
+            if cur >= 0 and acc != 0.0:
+                genes_tmp[w] = cur
+                counts_tmp[w] = acc
+                w += 1
+            cur = g
+            acc = v
+        else:
+            acc += v
+    if cur >= 0 and acc != 0.0:
+        genes_tmp[w] = cur
+        counts_tmp[w] = acc
+        w += 1
+    lengths[i + 1] = w - o
+
+
 @_jit(parallel=True)
 def gather_csr_rows(
     indptr: NDArray[np.integer],
@@ -461,99 +579,46 @@ def gather_csr_rows(
     err = np.zeros(n, np.int8)
 
     if n_vocab <= _DENSE_VOCAB_LIMIT:
-        # Dense strategy, for vocabulary-sized gene ranges: accumulate a row into a dense
-        # scratch vector and mark touched genes in a bitmap; walking the bitmap words then
-        # yields the genes already sorted. This is a one-pass radix sort, several times
-        # cheaper than a comparison sort of each row's entries. The value scratch needs no
-        # zeroing (a gene's first entry assigns, later ones add) and the bitmap is cleared
-        # while it is walked, so each chunk of rows allocates its scratch once and a row's
-        # result cannot depend on which rows share its chunk. The chunk count is fixed, not
-        # read from numba.get_num_threads(), which would make the function uncacheable.
-        n_words = (n_vocab + 63) >> 6
+        # Rows go in a fixed number of chunks, each with its own dense scratch (see
+        # _gather_dense_rows). The count is fixed rather than numba.get_num_threads(),
+        # which would make the function uncacheable; results never depend on it.
         lowest_bit = _debruijn_table()
         n_chunks = min(n, _GATHER_CHUNKS)
         for ch in numba.prange(n_chunks):
-            acc = np.empty(max(n_vocab, 1), np.float64)
-            bits = np.zeros(max(n_words, 1), np.uint64)
-            for i in range(ch * n // n_chunks, (ch + 1) * n // n_chunks):
-                r = rows[i]
-                a = np.int64(indptr[r])
-                b = np.int64(indptr[r + 1])
-                lo_word = n_words
-                hi_word = np.int64(-1)
-                for p in range(a, b):
-                    col = np.int64(indices[p])
-                    if col < 0 or col >= n_cols:
-                        err[i] = 1
-                        break
-                    g = col_to_vocab[col]
-                    if g >= 0:
-                        wd = g >> 6
-                        bit = np.uint64(1) << np.uint64(g & 63)
-                        if bits[wd] & bit:
-                            acc[g] += np.float64(data[p])
-                        else:
-                            acc[g] = np.float64(data[p])
-                            bits[wd] |= bit
-                            lo_word = min(lo_word, wd)
-                            hi_word = max(hi_word, wd)
-                w = bound[i]
-                for wd in range(lo_word, hi_word + 1):
-                    word = bits[wd]
-                    bits[wd] = np.uint64(0)
-                    while word != np.uint64(0):
-                        low = word & (np.uint64(0) - word)
-                        word ^= low
-                        g = (wd << 6) + lowest_bit[(low * _DEBRUIJN) >> _S58]
-                        v = acc[g]
-                        if v != 0.0:
-                            genes_tmp[w] = g
-                            counts_tmp[w] = v
-                            w += 1
-                lengths[i + 1] = w - bound[i]
+            _gather_dense_rows(
+                ch * n // n_chunks,
+                (ch + 1) * n // n_chunks,
+                indptr,
+                indices,
+                data,
+                col_to_vocab,
+                rows,
+                n_vocab,
+                lowest_bit,
+                bound,
+                genes_tmp,
+                counts_tmp,
+                lengths,
+                err,
+            )
     else:
-        # Sparse strategy, for huge gene ranges where dense scratch would not fit: encode
-        # (gene, position) in one int64 key so that a single in-place sort orders by gene
-        # and, within a gene, by CSR position (the same summation order as above), then
-        # merge runs of equal genes.
         keys = np.empty(total, np.int64)
         _advise_huge_pages(keys)
         for i in numba.prange(n):
-            r = rows[i]
-            a = np.int64(indptr[r])
-            b = np.int64(indptr[r + 1])
-            o = bound[i]
-            k = o
-            for p in range(a, b):
-                col = np.int64(indices[p])
-                if col < 0 or col >= n_cols:
-                    err[i] = 1
-                    break
-                g = col_to_vocab[col]
-                if g >= 0:
-                    keys[k] = (g << 32) | (p - a)
-                    k += 1
-            keys[o:k].sort()
-            w = o
-            cur = np.int64(-1)
-            acc_v = 0.0
-            for t in range(o, k):
-                g = keys[t] >> 32
-                v = np.float64(data[a + (keys[t] & _LOW32)])
-                if g != cur:
-                    if cur >= 0 and acc_v != 0.0:
-                        genes_tmp[w] = cur
-                        counts_tmp[w] = acc_v
-                        w += 1
-                    cur = g
-                    acc_v = v
-                else:
-                    acc_v += v
-            if cur >= 0 and acc_v != 0.0:
-                genes_tmp[w] = cur
-                counts_tmp[w] = acc_v
-                w += 1
-            lengths[i + 1] = w - o
+            _gather_sorted_row(
+                i,
+                indptr,
+                indices,
+                data,
+                col_to_vocab,
+                rows,
+                keys,
+                bound,
+                genes_tmp,
+                counts_tmp,
+                lengths,
+                err,
+            )
 
     for i in range(n):
         if err[i] != 0:
@@ -607,6 +672,30 @@ def row_sums(row_ptr: NDArray[np.int64], values: NDArray[np.number]) -> NDArray[
     return out
 
 
+@_jit()
+def _log_normalize_row(counts, a, b, tot, scale, out):
+    if tot > 0.0:
+        # Raw counts are mostly small integers that repeat within a row, so each row
+        # memoises the result per small integer count (NaN = not computed yet). The values
+        # are identical, the same operations on the same inputs, while log1p, the dominant
+        # cost, runs ~20x less often on count data.
+        memo = np.full(_LOG_MEMO_SIZE, np.nan)
+        for j in range(a, b):
+            c = np.float64(counts[j])
+            if c >= 0.0 and c < _LOG_MEMO_SIZE and c == np.floor(c):
+                k = np.int64(c)
+                v = memo[k]
+                if v != v:
+                    v = np.log1p(c / tot * scale)
+                    memo[k] = v
+                out[j] = v
+            else:
+                out[j] = np.log1p(c / tot * scale)
+    else:
+        for j in range(a, b):
+            out[j] = 0.0
+
+
 @_jit(parallel=True)
 def log_normalize(
     row_ptr: NDArray[np.int64],
@@ -647,33 +736,84 @@ def log_normalize(
     out = np.empty(counts.shape[0], np.float64)
     _advise_huge_pages(out)
     for i in numba.prange(n):
-        tot = np.float64(totals[i])
-        if tot > 0.0:
-            # Raw counts are mostly small integers that repeat within a row, so each row
-            # memoises the result per small integer count (NaN = not computed yet). The
-            # values are identical, the same operations on the same inputs, while log1p,
-            # the dominant cost, runs ~20x less often on count data.
-            memo = np.full(_LOG_MEMO_SIZE, np.nan)
-            for j in range(row_ptr[i], row_ptr[i + 1]):
-                c = np.float64(counts[j])
-                if c >= 0.0 and c < _LOG_MEMO_SIZE and c == np.floor(c):
-                    k = np.int64(c)
-                    v = memo[k]
-                    if v != v:
-                        v = np.log1p(c / tot * s)
-                        memo[k] = v
-                    out[j] = v
-                else:
-                    out[j] = np.log1p(c / tot * s)
-        else:
-            for j in range(row_ptr[i], row_ptr[i + 1]):
-                out[j] = 0.0
+        _log_normalize_row(counts, row_ptr[i], row_ptr[i + 1], np.float64(totals[i]), s, out)
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # 4. encoder input
 # --------------------------------------------------------------------------------------------
+
+
+@_jit()
+def _pack_row(i, genes, values, a, b, L, pad_index, gene_index, value, padding_mask):
+    # Genes of row i from column 2 on, then padding.
+    m = b - a
+    c = 2
+    if m <= L:
+        for j in range(a, b):
+            gene_index[i, c] = genes[j]
+            value[i, c] = np.float32(values[j])
+            padding_mask[i, c] = False
+            c += 1
+    elif L > 0:
+        # Keep the L largest values, ties to the smaller gene (= earlier position).
+        # Quickselect finds the L-th largest value in O(m); everything above it is kept, and
+        # entries equal to it are taken in position order until L are kept. This is exactly
+        # a stable descending sort truncated to L, without the O(m log m).
+        thr = _kth_largest(values, a, b, L)
+        n_above = 0
+        for j in range(a, b):
+            if values[j] > thr:
+                n_above += 1
+        ties_left = L - n_above
+        for j in range(a, b):
+            v = values[j]
+            keep = v > thr
+            if not keep and v == thr and ties_left > 0:
+                keep = True
+                ties_left -= 1
+            if keep:
+                gene_index[i, c] = genes[j]
+                value[i, c] = np.float32(v)
+                padding_mask[i, c] = False
+                c += 1
+    for col in range(c, gene_index.shape[1]):
+        gene_index[i, col] = pad_index
+        value[i, col] = 0.0
+        padding_mask[i, col] = True
+
+
+@_jit()
+def _kth_largest(values, a, b, k):
+    # The k-th largest (1-based) of values[a:b] by iterative quickselect (Hoare partition,
+    # median-of-three pivot) on a scratch copy; O(b - a) expected.
+    buf = values[a:b].copy()
+    lo = 0
+    hi = buf.shape[0] - 1
+    target = k - 1  # index in descending order
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        x, y, z = buf[lo], buf[mid], buf[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i = lo
+        j = hi
+        while i <= j:
+            while buf[i] > pivot:
+                i += 1
+            while buf[j] < pivot:
+                j -= 1
+            if i <= j:
+                buf[i], buf[j] = buf[j], buf[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            break
+    return buf[target]
 
 
 @_jit(parallel=True)
@@ -744,47 +884,55 @@ def pack_tokens(
         gene_index[i, 1] = s_index
         value[i, 1] = np.float32(s_values[i])
         padding_mask[i, 1] = False
-        a = row_ptr[i]
-        m = row_ptr[i + 1] - a
-        c = 2
-        if m <= L:
-            for j in range(a, a + m):
-                gene_index[i, c] = genes[j]
-                value[i, c] = np.float32(values[j])
-                padding_mask[i, c] = False
-                c += 1
-        elif L > 0:
-            # Keep the L largest values, ties to the smaller gene (= earlier position).
-            # Quickselect finds the L-th largest value in O(m); everything above it is kept,
-            # and entries equal to it are taken in position order until L are kept. This is
-            # exactly a stable descending sort truncated to L, without the O(m log m).
-            thr = -np.partition(-values[a : a + m], L - 1)[L - 1]
-            n_above = 0
-            for j in range(a, a + m):
-                if values[j] > thr:
-                    n_above += 1
-            ties_left = L - n_above
-            for j in range(a, a + m):
-                v = values[j]
-                keep = v > thr
-                if not keep and v == thr and ties_left > 0:
-                    keep = True
-                    ties_left -= 1
-                if keep:
-                    gene_index[i, c] = genes[j]
-                    value[i, c] = np.float32(v)
-                    padding_mask[i, c] = False
-                    c += 1
-        for col in range(c, width):
-            gene_index[i, col] = pad_index
-            value[i, col] = 0.0
-            padding_mask[i, col] = True
+        _pack_row(
+            i,
+            genes,
+            values,
+            row_ptr[i],
+            row_ptr[i + 1],
+            L,
+            pad_index,
+            gene_index,
+            value,
+            padding_mask,
+        )
     return gene_index, value, padding_mask
 
 
 # --------------------------------------------------------------------------------------------
 # 5. binomial down-sampling
 # --------------------------------------------------------------------------------------------
+
+
+@_jit()
+def _thin_row(counts, a, b, p, seed, thinned):
+    # Thinned counts of one row into thinned[a:b]; returns how many are non-zero, or -1
+    # for a count that is negative or not an integer.
+    if p < 1.0 and p > 0.0:
+        _seed_row(seed, _STREAM_THIN)
+    kept = 0
+    for j in range(a, b):
+        c = np.float64(counts[j])
+        if not (c >= 0.0 and c == np.floor(c) and c < 9.0e18):
+            return -1
+        if p >= 1.0 or c == 0.0:
+            x = c
+        elif p <= 0.0:
+            x = 0.0
+        elif c <= 4.0:
+            # Small counts dominate scRNA-seq data: c Bernoulli trials are an exact
+            # Binomial(c, p) draw and cheaper than numba's inversion sampler, which computes
+            # a power per call.
+            x = 0.0
+            for _ in range(np.int64(c)):
+                if np.random.random() < p:
+                    x += 1.0
+        else:
+            x = np.float64(np.random.binomial(np.int64(c), p))
+        thinned[j] = x
+        if x != 0.0:
+            kept += 1
+    return kept
 
 
 @_jit(parallel=True)
@@ -839,40 +987,14 @@ def binomial_thin(
 
     thinned = np.empty(counts.shape[0], np.float64)
     _advise_huge_pages(thinned)
+    # Row lengths; -1 flags a row with an invalid count, raised after the parallel loop.
     lengths = np.zeros(n + 1, np.int64)
-    err = np.zeros(n, np.int8)
     for i in numba.prange(n):
-        p = np.float64(rates[i])
-        a = row_ptr[i]
-        b = row_ptr[i + 1]
-        if p < 1.0 and p > 0.0:
-            _seed_row(row_seeds[i], _STREAM_THIN)
-        kept = 0
-        for j in range(a, b):
-            c = np.float64(counts[j])
-            if not (c >= 0.0 and c == np.floor(c) and c < 9.0e18):
-                err[i] = 1
-                break
-            if p >= 1.0 or c == 0.0:
-                x = c
-            elif p <= 0.0:
-                x = 0.0
-            elif c <= 4.0:
-                # Small counts dominate scRNA-seq data: c Bernoulli trials are an exact
-                # Binomial(c, p) draw and cheaper than numba's inversion sampler, which
-                # computes a power per call.
-                x = 0.0
-                for _ in range(np.int64(c)):
-                    if np.random.random() < p:
-                        x += 1.0
-            else:
-                x = np.float64(np.random.binomial(np.int64(c), p))
-            thinned[j] = x
-            if x != 0.0:
-                kept += 1
-        lengths[i + 1] = kept
+        lengths[i + 1] = _thin_row(
+            counts, row_ptr[i], row_ptr[i + 1], np.float64(rates[i]), row_seeds[i], thinned
+        )
     for i in range(n):
-        if err[i] != 0:
+        if lengths[i + 1] < 0:
             raise ValueError("counts must be non-negative integers")
 
     out_ptr = _prefix_sum(lengths)

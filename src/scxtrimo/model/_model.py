@@ -26,8 +26,14 @@ from tqdm.auto import tqdm
 from scxtrimo import __version__
 from scxtrimo._settings import settings
 from scxtrimo.data._loading import iter_inference_batches
-from scxtrimo.data._matrix import get_matrix
-from scxtrimo.data._tokens import InputSpec, MaskingSpec, TargetDepth, TokenIndex
+from scxtrimo.data._matrix import as_row_accessible, get_matrix, read_rows
+from scxtrimo.data._tokens import (
+    InputSpec,
+    MaskingSpec,
+    TargetDepth,
+    TokenIndex,
+    inference_batch,
+)
 from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
 from scxtrimo.data._vocabulary import GeneMapping, load_vocabulary, log_overlap, map_genes
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
@@ -509,16 +515,208 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                 bar.update(len(batch.cells))
         return by_cell
 
-    def get_gene_embeddings(self) -> pd.DataFrame:
-        """Context-free gene embeddings: the model's gene-embedding table.
+    def get_gene_embeddings(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        *,
+        genes: Sequence[str] | None = None,
+        batch_size: int = 4,
+        target_depth: float | str | TargetDepth | None = None,
+        key_stabilizer: Literal["cell", "batch"] = "cell",
+        dtype: np.dtype | type = np.float32,
+        device: str | torch.device | None = None,
+        progress_bar: bool | None = None,
+        **setup_overrides,
+    ) -> pd.DataFrame | np.ndarray:
+        """Gene embeddings: context-free (no ``adata``) or per cell from the decoder.
+
+        Without ``adata``, returns the model's gene-embedding table (one row per vocabulary
+        gene). With ``adata``, runs encoder and decoder and returns each cell's context-specific
+        gene embeddings (scFoundation's "gene" output), ``cells x genes x decoder width``; for
+        the released model that is 19,264 x 512 floats (39 MB) per cell, so pass ``genes``
+        and/or use :meth:`iter_gene_embeddings` to stream.
+
+        Parameters
+        ----------
+        adata
+            Cells to embed the genes of; ``None`` for the context-free table.
+        indices
+            Cells of ``adata`` (default all).
+        genes
+            Vocabulary gene symbols to return (default all 19,264).
+        batch_size
+            Cells per decoder pass.
+        target_depth
+            ``T``; ``None`` uses the model default.
+        key_stabilizer
+            ``"cell"`` (default): batch-independent results. ``"batch"``: the official batched
+            (``gene_batch``) numerics, which depend on the other cells of the batch.
+        dtype
+            Output dtype (``np.float16`` halves the memory).
+        device
+            Where to compute.
+        progress_bar
+            Show a progress bar.
+        **setup_overrides
+            ``layer``, ``gene_symbols_key``... for this AnnData.
 
         Returns
         -------
-        DataFrame indexed by vocabulary gene symbol, one column per encoder dimension.
+        DataFrame (context-free) or array ``[cells, genes, decoder_dim]``.
         """
-        weight = self.module.gene_embedding_table().detach().float().cpu().numpy()
         vocab = load_vocabulary()
-        return pd.DataFrame(weight[: vocab.n_genes], index=vocab.symbols.copy())
+        if adata is None:
+            weight = self.module.gene_embedding_table().detach().float().cpu().numpy()
+            frame = pd.DataFrame(weight[: vocab.n_genes], index=vocab.symbols.copy())
+            return frame if genes is None else frame.loc[list(genes)]
+        parts = [
+            part
+            for _, part in self.iter_gene_embeddings(
+                adata,
+                indices,
+                genes=genes,
+                batch_size=batch_size,
+                target_depth=target_depth,
+                key_stabilizer=key_stabilizer,
+                device=device,
+                progress_bar=progress_bar,
+                **setup_overrides,
+            )
+        ]
+        return np.concatenate(parts).astype(dtype, copy=False)
+
+    def iter_gene_embeddings(self, adata: AnnData, indices=None, **kwargs):
+        """Stream per-cell gene embeddings: yields ``(cell indices, [cells, genes, d])`` chunks.
+
+        Takes the arguments of :meth:`get_gene_embeddings`; memory stays bounded by
+        ``batch_size`` x genes x decoder width.
+        """
+        yield from self._iter_decoder(adata, indices, output="embeddings", **kwargs)
+
+    def get_expression(
+        self,
+        adata: AnnData,
+        indices: Sequence[int] | np.ndarray | None = None,
+        *,
+        genes: Sequence[str] | None = None,
+        target_depth: float | str | TargetDepth | None = None,
+        batch_size: int = 8,
+        key_stabilizer: Literal["cell", "batch"] = "cell",
+        device: str | torch.device | None = None,
+        progress_bar: bool | None = None,
+        **setup_overrides,
+    ) -> np.ndarray:
+        """Expression predicted by the decoder, on the ``log1p(x / total * 1e4)`` scale.
+
+        With ``target_depth`` above the cell's own depth (e.g. ``"fold:10"`` or ``"add:1"``)
+        this is scFoundation's read-depth enhancement: the profile the model expects had the
+        cell been sequenced deeper.
+
+        Parameters
+        ----------
+        adata
+            Cells (raw counts by default).
+        indices
+            Cells to predict (default all), in output order.
+        genes
+            Vocabulary gene symbols to return (default all 19,264, in vocabulary order).
+        target_depth
+            ``T``; ``None`` uses the model default.
+        batch_size
+            Cells per decoder pass (the decoder spans all 19,266 positions per cell).
+        key_stabilizer, device, progress_bar, **setup_overrides
+            As in :meth:`get_gene_embeddings`.
+
+        Returns
+        -------
+        ``float32`` array ``[cells, genes]``.
+        """
+        parts = [
+            part
+            for _, part in self._iter_decoder(
+                adata,
+                indices,
+                output="expression",
+                genes=genes,
+                batch_size=batch_size,
+                target_depth=target_depth,
+                key_stabilizer=key_stabilizer,
+                device=device,
+                progress_bar=progress_bar,
+                **setup_overrides,
+            )
+        ]
+        return np.concatenate(parts)
+
+    @torch.inference_mode()
+    def _iter_decoder(
+        self,
+        adata: AnnData,
+        indices=None,
+        *,
+        output: Literal["embeddings", "expression"],
+        genes: Sequence[str] | None = None,
+        batch_size: int = 4,
+        target_depth: float | str | TargetDepth | None = None,
+        key_stabilizer: Literal["cell", "batch"] = "cell",
+        device: str | torch.device | None = None,
+        progress_bar: bool | None = None,
+        **setup_overrides,
+    ):
+        """Run encoder + decoder over ``indices`` in the requested order, ``batch_size`` cells at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        vocab = load_vocabulary()
+        if genes is None:
+            gene_idx = np.arange(vocab.n_genes)
+        else:
+            lookup = pd.Series(np.arange(vocab.n_genes), index=vocab.symbols)
+            missing = [g for g in genes if g not in lookup.index]
+            if missing:
+                raise KeyError(
+                    f"{len(missing)} genes are not in the vocabulary, e.g. {missing[:5]}."
+                )
+            gene_idx = lookup.loc[list(genes)].to_numpy()
+        prep = self.prepare_input(
+            adata, indices=indices, target_depth=target_depth, **setup_overrides
+        )
+        dev = self._device(device)
+        module = self.module.to(dev).eval()
+        genes_t = torch.as_tensor(gene_idx, dtype=torch.int64, device=dev)
+        index = TokenIndex(self.config.n_genes)
+        show = settings.progress_bar if progress_bar is None else progress_bar
+        matrix = as_row_accessible(prep.matrix)
+        cells = prep.cells
+        with tqdm(total=len(cells), desc="Decoding cells", unit="cell", disable=not show) as bar:
+            for start in range(0, len(cells), batch_size):
+                chunk = cells[start : start + batch_size]
+                order = np.argsort(chunk)
+                rows = chunk[order]
+                block = read_rows(matrix, int(rows[0]), int(rows[-1]) + 1)
+                totals = None if prep.total_counts is None else prep.total_counts[chunk]
+                tokens = inference_batch(
+                    block,
+                    rows - rows[0],
+                    prep.mapping.col_to_vocab,
+                    prep.spec,
+                    index,
+                    None if totals is None else totals[order],
+                )
+                batch = {k: torch.from_numpy(v).to(dev) for k, v in tokens.items()}
+                h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+                fn = module.gene_embeddings if output == "embeddings" else module.expression
+                out = fn(
+                    h,
+                    batch["gene_index"],
+                    batch["padding_mask"],
+                    key_stabilizer=key_stabilizer,
+                    genes=genes_t,
+                )
+                restore = np.empty_like(order)
+                restore[order] = np.arange(len(order))
+                yield chunk, out.float().cpu().numpy()[restore]
+                bar.update(len(chunk))
 
     # ------------------------------------------------------------------------------------
     # Training
