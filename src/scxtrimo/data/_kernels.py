@@ -115,7 +115,24 @@ _LOW32 = 0xFFFFFFFF
 
 
 def _jit(parallel: bool = False):
-    return numba.njit(cache=True, nogil=True, parallel=parallel)
+    # Parallel kernels only parallelise their explicit prange loops: numba's automatic
+    # conversion of array expressions (np.zeros, slicing arithmetic…) into parallel loops
+    # would buy nothing on these small per-call arrays and roughly doubles compile time.
+    if parallel:
+        options = dict.fromkeys(
+            (
+                "comprehension",
+                "reduction",
+                "inplace_binop",
+                "setitem",
+                "numpy",
+                "stencil",
+                "fusion",
+            ),
+            False,
+        )
+        return numba.njit(cache=True, nogil=True, parallel={**options, "prange": True})
+    return numba.njit(cache=True, nogil=True)
 
 
 def _serial_twin(dispatcher):
@@ -1017,6 +1034,91 @@ def binomial_thin(
 # --------------------------------------------------------------------------------------------
 
 
+@_jit()
+def _mask_row_stored(genes, a, b, n_genes, p_nz, p_zero, seed, visible):
+    # Pass 1 for one row (stream A): mask stored entries into visible[a:b] and draw K, the
+    # number of masked zero genes. Returns (masked positions = masked stored entries + K, K),
+    # or (-1, 0) if the row's genes are not strictly ascending within [0, n_genes).
+    m = b - a
+    for j in range(a, b):
+        g = genes[j]
+        if g < 0 or g >= n_genes or (j > a and g <= genes[j - 1]):
+            return -1, 0
+    _seed_row(seed, _STREAM_MASK_A)
+    n_masked = 0
+    for j in range(a, b):
+        vis = np.random.random() >= p_nz
+        visible[j] = vis
+        if not vis:
+            n_masked += 1
+    if m > 0 and n_masked == m:
+        visible[a + np.random.randint(0, m)] = True
+        n_masked -= 1
+    n_zero = n_genes - m
+    k = 0
+    if n_zero > 0 and p_zero > 0.0:
+        k = np.random.binomial(n_zero, p_zero)
+    return n_masked + k, k
+
+
+@_jit()
+def _mask_row_positions(
+    genes,
+    values,
+    a,
+    b,
+    n_genes,
+    k,
+    seed,
+    visible,
+    lowest_bit,
+    cut_replace,
+    cut_random,
+    w0,
+    m_genes,
+    m_input,
+    m_token,
+):
+    # Pass 2 for one row (stream B): draw which K zero genes, merge them with the masked
+    # stored entries by gene into the output from w0 on, then draw each decoder input.
+    m = b - a
+    _seed_row(seed, _STREAM_MASK_B)
+    if k == 0:
+        zero_genes = np.empty(0, np.int64)
+    elif n_genes <= _BITMAP_GENES_LIMIT:
+        zero_genes = _zero_genes_by_bitmap(genes, a, b, n_genes, k, lowest_bit)
+    else:
+        zero_genes = _zero_genes_by_ranks(genes, a, b, n_genes, k)
+    # The entry's own value goes into m_input for now; the split below overwrites it.
+    w = w0
+    j = a
+    z = 0
+    while True:
+        while j < b and visible[j]:
+            j += 1
+        if j < b and (z >= k or genes[j] < zero_genes[z]):
+            m_genes[w] = genes[j]
+            m_input[w] = np.float32(values[j])
+            j += 1
+        elif z < k:
+            m_genes[w] = zero_genes[z]
+            m_input[w] = 0.0
+            z += 1
+        else:
+            break
+        w += 1
+    for t in range(w0, w):
+        u = np.random.random()
+        if u < cut_replace:
+            m_token[t] = True
+            m_input[t] = 0.0
+        elif u < cut_random:
+            m_token[t] = False
+            m_input[t] = np.float32(values[a + np.random.randint(0, m)]) if m > 0 else 0.0
+        else:
+            m_token[t] = False
+
+
 @_jit(parallel=True)
 def mask_positions(
     row_ptr: NDArray[np.int64],
@@ -1107,38 +1209,18 @@ def mask_positions(
     _advise_huge_pages(visible)
     m_len = np.zeros(n + 1, np.int64)
     n_zero_masked = np.zeros(n, np.int64)
-    err = np.zeros(n, np.int8)
 
     # Pass 1 (stream A): mask stored entries and draw the number of masked zero genes,
     # which together size the output. Pass 2 (stream B) draws which zero genes and the
     # decoder inputs. Two streams, so pass 2 needs nothing random from pass 1 but K.
     for i in numba.prange(n):
-        a = row_ptr[i]
-        b = row_ptr[i + 1]
-        m = b - a
-        for j in range(a, b):
-            g = genes[j]
-            if g < 0 or g >= n_genes or (j > a and g <= genes[j - 1]):
-                err[i] = 1
-        if err[i] == 0:
-            _seed_row(row_seeds[i], _STREAM_MASK_A)
-            n_masked = 0
-            for j in range(a, b):
-                vis = np.random.random() >= p_nz
-                visible[j] = vis
-                if not vis:
-                    n_masked += 1
-            if m > 0 and n_masked == m:
-                visible[a + np.random.randint(0, m)] = True
-                n_masked -= 1
-            n_zero = n_genes - m
-            k = 0
-            if n_zero > 0 and p_zero > 0.0:
-                k = np.random.binomial(n_zero, p_zero)
-            n_zero_masked[i] = k
-            m_len[i + 1] = n_masked + k
+        n_positions, k = _mask_row_stored(
+            genes, row_ptr[i], row_ptr[i + 1], n_genes, p_nz, p_zero, row_seeds[i], visible
+        )
+        n_zero_masked[i] = k
+        m_len[i + 1] = n_positions
     for i in range(n):
-        if err[i] != 0:
+        if m_len[i + 1] < 0:
             raise ValueError("genes must be strictly ascending within [0, n_genes) in each row")
 
     m_ptr = _prefix_sum(m_len)
@@ -1150,52 +1232,60 @@ def mask_positions(
     m_token = np.empty(M, np.bool_)
     _advise_huge_pages(m_token)
     for i in numba.prange(n):
-        a = row_ptr[i]
-        b = row_ptr[i + 1]
-        m = b - a
-        k = n_zero_masked[i]
-        _seed_row(row_seeds[i], _STREAM_MASK_B)
-        if k == 0:
-            zero_genes = np.empty(0, np.int64)
-        elif n_genes <= _BITMAP_GENES_LIMIT:
-            zero_genes = _zero_genes_by_bitmap(genes, a, b, n_genes, k, lowest_bit)
-        else:
-            zero_genes = _zero_genes_by_ranks(genes, a, b, n_genes, k)
-        # Merge masked stored entries and zero genes by gene; the entry's own value goes
-        # into m_input for now and is overwritten below where the split says so.
-        w = m_ptr[i]
-        j = a
-        z = 0
-        while True:
-            while j < b and visible[j]:
-                j += 1
-            if j < b and (z >= k or genes[j] < zero_genes[z]):
-                m_genes[w] = genes[j]
-                m_input[w] = np.float32(values[j])
-                j += 1
-            elif z < k:
-                m_genes[w] = zero_genes[z]
-                m_input[w] = 0.0
-                z += 1
-            else:
-                break
-            w += 1
-        for w in range(m_ptr[i], m_ptr[i + 1]):
-            u = np.random.random()
-            if u < cut_replace:
-                m_token[w] = True
-                m_input[w] = 0.0
-            elif u < cut_random:
-                m_token[w] = False
-                m_input[w] = np.float32(values[a + np.random.randint(0, m)]) if m > 0 else 0.0
-            else:
-                m_token[w] = False
+        _mask_row_positions(
+            genes,
+            values,
+            row_ptr[i],
+            row_ptr[i + 1],
+            n_genes,
+            n_zero_masked[i],
+            row_seeds[i],
+            visible,
+            lowest_bit,
+            cut_replace,
+            cut_random,
+            m_ptr[i],
+            m_genes,
+            m_input,
+            m_token,
+        )
     return visible, m_ptr, m_genes, m_input, m_token
 
 
 # --------------------------------------------------------------------------------------------
 # 7./8. lookups and padding
 # --------------------------------------------------------------------------------------------
+
+
+@_jit()
+def _lookup_row(genes_a, values_a, a, b, genes_q, qa, qb, out):
+    # Sorted queries (the usual case) search forward from where the previous one ended,
+    # galloping (steps 1, 2, 4, …) and then bisecting, so a run of dense sorted queries costs
+    # about a merge and sparse ones about a binary search each. An out-of-order query
+    # restarts at the row start, so any order is still correct.
+    lo = a
+    prev = np.int64(-1)
+    for q in range(qa, qb):
+        g = np.int64(genes_q[q])
+        if g < prev:
+            lo = a
+        prev = g
+        if lo < b and genes_a[lo] < g:
+            # invariant: genes_a[lo] < g
+            step = 1
+            while lo + step < b and genes_a[lo + step] < g:
+                lo += step
+                step <<= 1
+            hi = min(lo + step, b)
+            lo += 1
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if genes_a[mid] < g:
+                    lo = mid + 1
+                else:
+                    hi = mid
+        # lo is now the first table position with gene >= g (or b)
+        out[q] = np.float64(values_a[lo]) if lo < b and genes_a[lo] == g else 0.0
 
 
 @_jit(parallel=True)
@@ -1234,40 +1324,23 @@ def lookup_values(
     out = np.empty(genes_q.shape[0], np.float64)
     _advise_huge_pages(out)
     for i in numba.prange(n):
-        a = row_ptr_a[i]
-        b = row_ptr_a[i + 1]
-        # Sorted queries (the usual case) search forward from where the previous one ended,
-        # galloping (steps 1, 2, 4, …) and then bisecting, so a run of dense sorted queries
-        # costs about a merge and sparse ones about a binary search each. An out-of-order
-        # query restarts at the row start, so any order is still correct.
-        lo = a
-        prev = np.int64(-1)
-        for q in range(row_ptr_q[i], row_ptr_q[i + 1]):
-            g = np.int64(genes_q[q])
-            if g < prev:
-                lo = a
-            prev = g
-            if lo < b and genes_a[lo] < g:
-                # invariant: genes_a[lo] < g
-                step = 1
-                while lo + step < b and genes_a[lo + step] < g:
-                    lo += step
-                    step <<= 1
-                hi = min(lo + step, b)
-                lo += 1
-                while lo < hi:
-                    mid = (lo + hi) >> 1
-                    if genes_a[mid] < g:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-            # lo is now the first table position with gene >= g (or b)
-            out[q] = np.float64(values_a[lo]) if lo < b and genes_a[lo] == g else 0.0
+        _lookup_row(
+            genes_a,
+            values_a,
+            row_ptr_a[i],
+            row_ptr_a[i + 1],
+            genes_q,
+            row_ptr_q[i],
+            row_ptr_q[i + 1],
+            out,
+        )
     return out
 
 
 @_jit()
-def ragged_to_padded(row_ptr: NDArray[np.int64], values: NDArray, fill) -> tuple[NDArray, NDArray]:
+def ragged_to_padded(
+    row_ptr: NDArray[np.int64], values: NDArray, fill: float | bool
+) -> tuple[NDArray, NDArray]:
     """Scatter ragged rows into a padded 2-D array.
 
     Parameters

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from . import _kernels as K
 
-InputType = Literal["counts", "log1p"]
+InputType = Literal["counts", "log1p", "bulk"]
 NORMALIZE_SCALE = 1e4
 
 _TARGET_DEPTH_RE = re.compile(
@@ -103,20 +103,30 @@ class InputSpec:
         log-normalised values, used as given; ``S`` is ``log10`` of the cell's total counts when
         they are supplied, otherwise ``log10`` of the sum of the given values (the official
         ``pre_normalized=T`` behaviour, which is not a read depth; kept for compatibility).
+        ``"bulk"``: bulk expression profiles (official ``--input_type bulk``): each sample is
+        scaled to ``scale`` total (the median library size of the dataset) and ``log1p``-ed,
+        and ``T = S = log10`` of the sum of those values; ``target_depth`` is ignored.
     target_depth
         How ``T`` is set; see :class:`TargetDepth`.
     max_genes
         Cap on the number of gene tokens per cell (the cell's highest values are kept);
         ``None`` for no cap.
+    scale
+        Library size that counts are normalised to (``1e4`` for single cells).
     """
 
     input_type: InputType = "counts"
     target_depth: TargetDepth = field(default_factory=lambda: TargetDepth("absolute", 4.0))
     max_genes: int | None = None
+    scale: float = NORMALIZE_SCALE
 
     def __post_init__(self) -> None:
-        if self.input_type not in ("counts", "log1p"):
-            raise ValueError(f"input_type must be 'counts' or 'log1p', not {self.input_type!r}.")
+        if self.input_type not in ("counts", "log1p", "bulk"):
+            raise ValueError(
+                f"input_type must be 'counts', 'log1p' or 'bulk', not {self.input_type!r}."
+            )
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive number, got {self.scale}.")
         if self.max_genes is not None and self.max_genes < 1:
             raise ValueError(f"max_genes must be >= 1 or None, got {self.max_genes}.")
 
@@ -172,7 +182,10 @@ def gather_values(
     )
     if spec.input_type == "counts":
         totals = K.row_sums(row_ptr, raw)
-        values = K.log_normalize(row_ptr, raw, totals, NORMALIZE_SCALE)
+        values = K.log_normalize(row_ptr, raw, totals, spec.scale)
+    elif spec.input_type == "bulk":
+        values = K.log_normalize(row_ptr, raw, K.row_sums(row_ptr, raw), spec.scale)
+        totals = K.row_sums(row_ptr, values)  # official: depth tokens from the log values
     else:
         values = raw
         totals = (
@@ -194,7 +207,7 @@ def encoder_tokens(
     """Pack ragged rows into the padded encoder input ``[T, S, genes…, pad…]``."""
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.log10(totals)
-        t = spec.target_depth(totals)
+        t = s if spec.input_type == "bulk" else spec.target_depth(totals)
     gene_index, value, padding_mask = K.pack_tokens(
         row_ptr,
         genes,

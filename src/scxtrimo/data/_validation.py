@@ -64,7 +64,8 @@ def scan_cells(
         Column-to-vocabulary map from :func:`~scxtrimo.data.map_genes`.
     input_type
         ``"counts"`` requires non-negative integers; ``"log1p"`` requires non-negative values
-        and refuses matrices that are all integers (raw counts declared as normalised).
+        and refuses matrices that are all integers (raw counts declared as normalised);
+        ``"bulk"`` requires non-negative values.
     obs_names, var_names
         Names used in error messages.
     chunk_size

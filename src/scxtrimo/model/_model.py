@@ -349,12 +349,17 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                 UserWarning,
                 stacklevel=3,
             )
+        scale = 1e4
+        if args["input_type"] == "bulk":
+            # Official bulk rule: every sample scaled to the median library size of the data.
+            scale = float(np.median(stats.totals))
         spec = InputSpec(
             input_type=args["input_type"],
             target_depth=TargetDepth.parse(
                 self.default_target_depth_ if target_depth is None else target_depth
             ),
             max_genes=max_genes,
+            scale=scale,
         )
         return PreparedInput(matrix, mapping, stats, spec, cells, bad, total_counts)
 

@@ -77,7 +77,7 @@ def embed(
     layer: str | None = None,
     gene_symbols_key: str | None = None,
     gene_ids_key: str | None = None,
-    input_type: Literal["counts", "log1p"] | None = None,
+    input_type: Literal["counts", "log1p", "bulk"] | None = None,
     total_counts_key: str | None = None,
     batch_size: int | None = None,
     max_tokens: int = 16_384,
@@ -112,7 +112,8 @@ def embed(
     gene_symbols_key, gene_ids_key
         ``var`` columns with gene symbols / Ensembl IDs; default ``var_names`` as symbols.
     input_type
-        ``"counts"`` (default) or ``"log1p"`` for log-normalised input.
+        ``"counts"`` (default), ``"log1p"`` for log-normalised input, or ``"bulk"`` for bulk
+        profiles (official bulk mode: scaled to the median library size, ``T = S``).
     total_counts_key
         ``obs`` column of total counts (the read depth S) for log-normalised input.
     batch_size

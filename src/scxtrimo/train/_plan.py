@@ -123,6 +123,16 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
                 )
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the torch RNG state so a resumed run draws the same dropout masks."""
+        checkpoint["scxtrimo_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the RNG state saved with the checkpoint."""
+        state = checkpoint.get("scxtrimo_rng_state")
+        if state is not None:
+            torch.set_rng_state(state)
+
     def training_step(self, batch, batch_idx):
         """One optimisation step; a non-finite loss stops training with the step number."""
         return self._step(batch, "train")

@@ -1,0 +1,199 @@
+"""Sphinx configuration of the scxtrimo documentation.
+
+Build (from the repository root, after ``pip install -e ".[doc]"``)::
+
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+Environment variables:
+
+``SCXTRIMO_DOCS_INTERSPHINX=1``
+    Link types and functions to the documentation of Python, NumPy, AnnData, scanpy, PyTorch,
+    scvi-tools... (needs the internet; on by default on Read the Docs, off elsewhere so that an
+    offline build neither waits nor warns).
+``SCXTRIMO_DOCS_EXECUTE=off|cache|force``
+    How the tutorials are executed (default ``cache``: run once, then re-run only notebooks
+    whose code changed; ``off`` renders them without outputs, for quick edits of the prose).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from datetime import date
+from importlib.metadata import version as _version
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+# -- tutorials: ../tutorials/*.md are the sources; they are mirrored into docs/tutorials ----------
+# Sphinx only reads files below its source folder. The tutorials live at the top of the
+# repository (where users look for them), so they are copied here before the build; a copy is
+# only rewritten when its source changed, which keeps incremental builds and the execution cache
+# valid. The copies are ignored by git (docs/.gitignore).
+_TUTORIALS_SRC = ROOT / "tutorials"
+_TUTORIALS_DST = HERE / "tutorials"
+
+
+def _sync_tutorials() -> None:
+    _TUTORIALS_DST.mkdir(exist_ok=True)
+    wanted = {p.name for p in _TUTORIALS_SRC.glob("*.md")}
+    for src in sorted(_TUTORIALS_SRC.glob("*.md")):
+        dst = _TUTORIALS_DST / src.name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)
+    for stale in _TUTORIALS_DST.glob("*.md"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+
+_sync_tutorials()
+
+# -- project ----------------------------------------------------------------------------------
+project = "scxtrimo"
+author = "scxtrimo developers"
+copyright = f"{date.today():%Y}, {author}"
+release = _version("scxtrimo")
+version = ".".join(release.split(".")[:2])
+repository_url = "https://github.com/scxtrimo/scxtrimo"
+
+# -- extensions -------------------------------------------------------------------------------
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx_autodoc_typehints",  # after napoleon: types come from the annotations
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinxcontrib.bibtex",
+]
+
+templates_path = ["_templates"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+master_doc = "index"
+nitpicky = True  # every cross-reference must resolve (see nitpick_ignore_regex below)
+
+# -- autodoc / autosummary / napoleon / typehints ---------------------------------------------
+autosummary_generate = True
+autosummary_imported_members = True
+autodoc_member_order = "bysource"
+autodoc_preserve_defaults = True
+autodoc_inherit_docstrings = False  # no scvi-tools / torch docstrings pasted into ours
+autodoc_class_signature = "mixed"
+autodoc_default_options = {"show-inheritance": False}
+
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_include_init_with_doc = False
+napoleon_use_rtype = True
+napoleon_use_param = True
+napoleon_use_ivar = True
+napoleon_custom_sections = [("Params", "Parameters")]
+
+typehints_defaults = "braces"
+typehints_document_rtype = True
+always_document_param_types = False
+typehints_use_signature = False
+typehints_use_signature_return = False
+
+# -- MyST / myst-nb ---------------------------------------------------------------------------
+myst_enable_extensions = ["colon_fence", "deflist", "dollarmath", "amsmath", "substitution"]
+myst_heading_anchors = 3
+myst_substitutions = {"version": release}
+
+nb_execution_mode = os.environ.get("SCXTRIMO_DOCS_EXECUTE", "cache")
+nb_execution_timeout = 1200  # per cell; CPU-only CI on two shared cores
+nb_execution_raise_on_error = True  # a failing tutorial fails the build
+nb_execution_show_tb = True
+nb_merge_streams = True
+nb_execution_cache_path = str(HERE / "_build" / ".jupyter_cache")
+
+# -- bibliography -----------------------------------------------------------------------------
+bibtex_bibfiles = ["references.bib"]
+bibtex_reference_style = "author_year"
+bibtex_default_style = "plain"
+
+# -- intersphinx: opt-in, it needs the internet -------------------------------------------------
+_INTERSPHINX = os.environ.get("SCXTRIMO_DOCS_INTERSPHINX", "").lower() in {"1", "true", "yes"} or (
+    os.environ.get("READTHEDOCS") == "True"
+)
+intersphinx_mapping = (
+    {
+        "python": ("https://docs.python.org/3", None),
+        "numpy": ("https://numpy.org/doc/stable/", None),
+        "scipy": ("https://docs.scipy.org/doc/scipy/", None),
+        "pandas": ("https://pandas.pydata.org/docs/", None),
+        "matplotlib": ("https://matplotlib.org/stable/", None),
+        "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+        "mudata": ("https://mudata.readthedocs.io/en/latest/", None),
+        "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+        "torch": ("https://docs.pytorch.org/docs/stable/", None),
+        "lightning": ("https://lightning.ai/docs/pytorch/stable/", None),
+        "scvi": ("https://docs.scvi-tools.org/en/stable/", None),
+    }
+    if _INTERSPHINX
+    else {}
+)
+intersphinx_timeout = 15
+intersphinx_disabled_reftypes = ["std:doc"]
+
+# References to third-party objects resolve through intersphinx when it is on. When it is off
+# (offline builds) or an inventory lacks an entry, they are rendered as plain text instead of
+# failing the nitpicky build. Only third-party names are listed here: every reference to a
+# scxtrimo object must resolve.
+_THIRD_PARTY = (
+    r"(anndata|ad|AnnData|mudata|md|MuData|numpy|np|pandas|pd|scipy|sp|sparse|torch|nn|"
+    r"lightning|pl|pytorch_lightning|scvi|sklearn|scanpy|sc|matplotlib|plt|Axes|Figure|"
+    r"collections|typing|os|pathlib|logging|concurrent|dataclasses|numba|h5py|tqdm)"
+)
+nitpick_ignore_regex = [
+    (r"py:(class|obj|func|meth|attr|mod|data|exc)", _THIRD_PARTY + r"(\..*)?"),
+    # Module-level type aliases rendered by sphinx-autodoc-typehints as their bare names.
+    (r"py:(class|obj|data)", r"(Literal|Any|Sequence|Mapping|Iterator|PathLike|Path)(\[.*\])?"),
+]
+
+# -- HTML -------------------------------------------------------------------------------------
+html_theme = "sphinx_book_theme"
+html_title = f"scxtrimo {release}"
+html_static_path: list[str] = []
+html_theme_options = {
+    "repository_url": repository_url,
+    "repository_branch": "main",
+    "path_to_docs": "docs",
+    "use_repository_button": True,
+    "use_issues_button": True,
+    "use_download_button": True,
+    "show_toc_level": 2,
+    "navigation_with_keys": False,
+}
+html_context = {
+    "github_user": "scxtrimo",
+    "github_repo": "scxtrimo",
+    "github_version": "main",
+    "doc_path": "docs",
+}
+html_show_sourcelink = True
+pygments_style = "default"
+
+
+# -- set-up hook ------------------------------------------------------------------------------
+class _InventoryUnreachable(logging.Filter):
+    """Turn "failed to reach any of the inventories" into an info message.
+
+    Intersphinx only adds links; a documentation site must not fail because a third-party
+    server was slow. (Sphinx gives this warning no type, so ``suppress_warnings`` cannot.)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "failed to reach any of the inventories" in str(
+            record.msg
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def setup(app) -> None:  # noqa: D103
+    logging.getLogger("sphinx.sphinx.ext.intersphinx._load").addFilter(_InventoryUnreachable())
