@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 import scxtrimo
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
     "dev", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -30,7 +30,8 @@ PBMC_CANDIDATES = (
 )
 VOCAB_TSV = REPO / "src/scxtrimo/_resources/OS_scRNA_gene_index.19264.tsv"
 
-PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Example counts come from the hypothesis profile (tests/conftest.py): "ci" or HYPOTHESIS_PROFILE=dev.
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # numba compiles one specialisation per dtype combination (~1-2 s serial, ~4-7 s parallel),
 # so the tests use a few combinations that together cover every index dtype and every

@@ -142,7 +142,8 @@ def test_cli_embeds_with_the_official_checkpoint(parity, user_adata, tmp_path):
 def test_loaded_checkpoint_round_trips_through_save(models, user_adata, tmp_path):
     models["rde"].save(tmp_path / "rde")
     again = XTrimoGene.load(tmp_path / "rde")
-    assert again.default_target_depth_ == "t4" and again.source_ == "scfoundation:rde"
+    assert again.default_target_depth_ == "t4"
+    assert again.source_ == "scfoundation:rde"
     np.testing.assert_array_equal(
         again.get_latent_representation(user_adata),
         models["rde"].get_latent_representation(user_adata),

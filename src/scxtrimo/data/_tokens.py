@@ -13,7 +13,19 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
-from . import _kernels as K
+from scxtrimo.data import _kernels
+
+# Batches are small (tens of cells): the serial kernels are as fast as the parallel ones there,
+# skip OpenMP's thread wake-ups, and stay safe in forked DataLoader workers (a process that has
+# run an OpenMP-parallel numba kernel aborts in forked children that run one).
+gather_csr_rows = _kernels.gather_csr_rows_serial
+log_normalize = _kernels.log_normalize_serial
+pack_tokens = _kernels.pack_tokens_serial
+binomial_thin = _kernels.binomial_thin_serial
+mask_positions = _kernels.mask_positions_serial
+lookup_values = _kernels.lookup_values_serial
+row_sums = _kernels.row_sums
+ragged_to_padded = _kernels.ragged_to_padded
 
 InputType = Literal["counts", "log1p", "bulk"]
 NORMALIZE_SCALE = 1e4
@@ -177,21 +189,21 @@ def gather_values(
         for ``S`` (in-vocabulary counts; or ``total_counts`` / sum of values for ``log1p``).
     """
     indptr, indices, data = csr_arrays(matrix)
-    row_ptr, genes, raw = K.gather_csr_rows(
+    row_ptr, genes, raw = gather_csr_rows(
         indptr, indices, data, col_to_vocab, np.ascontiguousarray(rows, dtype=np.int64)
     )
     if spec.input_type == "counts":
-        totals = K.row_sums(row_ptr, raw)
-        values = K.log_normalize(row_ptr, raw, totals, spec.scale)
+        totals = row_sums(row_ptr, raw)
+        values = log_normalize(row_ptr, raw, totals, spec.scale)
     elif spec.input_type == "bulk":
-        values = K.log_normalize(row_ptr, raw, K.row_sums(row_ptr, raw), spec.scale)
-        totals = K.row_sums(row_ptr, values)  # official: depth tokens from the log values
+        values = log_normalize(row_ptr, raw, row_sums(row_ptr, raw), spec.scale)
+        totals = row_sums(row_ptr, values)  # official: depth tokens from the log values
     else:
         values = raw
         totals = (
             np.asarray(total_counts, dtype=np.float64)
             if total_counts is not None
-            else K.row_sums(row_ptr, raw)
+            else row_sums(row_ptr, raw)
         )
     return row_ptr, genes, values, totals
 
@@ -208,7 +220,7 @@ def encoder_tokens(
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.log10(totals)
         t = s if spec.input_type == "bulk" else spec.target_depth(totals)
-    gene_index, value, padding_mask = K.pack_tokens(
+    gene_index, value, padding_mask = pack_tokens(
         row_ptr,
         genes,
         values,
@@ -343,29 +355,29 @@ def pretraining_batch(
     """
     indptr, indices, data = csr_arrays(matrix)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    ptr, genes, counts = K.gather_csr_rows(indptr, indices, data, col_to_vocab, rows)
-    totals = K.row_sums(ptr, counts)
-    target_values = K.log_normalize(ptr, counts, totals, NORMALIZE_SCALE)
+    ptr, genes, counts = gather_csr_rows(indptr, indices, data, col_to_vocab, rows)
+    totals = row_sums(ptr, counts)
+    target_values = log_normalize(ptr, counts, totals, NORMALIZE_SCALE)
 
     rates = downsample_rates(totals, seeds, spec)
     if np.any(rates < 1.0):
-        in_ptr, in_genes, in_counts = K.binomial_thin(
+        in_ptr, in_genes, in_counts = binomial_thin(
             ptr, genes, counts, rates, row_seeds(0, 0, seeds, stream=2)
         )
-        in_totals = K.row_sums(in_ptr, in_counts)
+        in_totals = row_sums(in_ptr, in_counts)
         # A cell thinned to nothing keeps its full depth rather than losing every token.
         empty = in_totals < 1
         if empty.any():
             rates = np.where(empty, 1.0, rates)
-            in_ptr, in_genes, in_counts = K.binomial_thin(
+            in_ptr, in_genes, in_counts = binomial_thin(
                 ptr, genes, counts, rates, row_seeds(0, 0, seeds, stream=2)
             )
-            in_totals = K.row_sums(in_ptr, in_counts)
+            in_totals = row_sums(in_ptr, in_counts)
     else:
         in_ptr, in_genes, in_counts, in_totals = ptr, genes, counts, totals
-    in_values = K.log_normalize(in_ptr, in_counts, in_totals, NORMALIZE_SCALE)
+    in_values = log_normalize(in_ptr, in_counts, in_totals, NORMALIZE_SCALE)
 
-    visible, m_ptr, m_genes, m_input, m_token = K.mask_positions(
+    visible, m_ptr, m_genes, m_input, m_token = mask_positions(
         in_ptr,
         in_genes,
         in_values,
@@ -376,7 +388,7 @@ def pretraining_batch(
         spec.random_prob,
         row_seeds(0, 0, seeds, stream=3),
     )
-    m_target = K.lookup_values(ptr, genes, target_values, m_ptr, m_genes)
+    m_target = lookup_values(ptr, genes, target_values, m_ptr, m_genes)
 
     # Keep only the visible non-zeros for the encoder.
     n = len(rows)
@@ -385,7 +397,7 @@ def pretraining_batch(
     np.cumsum(np.bincount(row_of_entry[visible], minlength=n), out=vis_ptr[1:])
     s = np.log10(in_totals)
     t = np.log10(totals)
-    gene_index, value, padding_mask = K.pack_tokens(
+    gene_index, value, padding_mask = pack_tokens(
         vis_ptr,
         in_genes[visible],
         in_values[visible],
@@ -396,10 +408,10 @@ def pretraining_batch(
         index.pad,
         -1 if max_genes is None else int(max_genes),
     )
-    masked_index, valid = K.ragged_to_padded(m_ptr, m_genes.astype(np.int64), np.int64(0))
-    masked_value, _ = K.ragged_to_padded(m_ptr, m_input, np.float32(0))
-    masked_token, _ = K.ragged_to_padded(m_ptr, m_token, False)
-    target, _ = K.ragged_to_padded(m_ptr, m_target.astype(np.float32), np.float32(0))
+    masked_index, valid = ragged_to_padded(m_ptr, m_genes.astype(np.int64), np.int64(0))
+    masked_value, _ = ragged_to_padded(m_ptr, m_input, np.float32(0))
+    masked_token, _ = ragged_to_padded(m_ptr, m_token, False)
+    target, _ = ragged_to_padded(m_ptr, m_target.astype(np.float32), np.float32(0))
     return {
         "gene_index": gene_index,
         "value": value,

@@ -38,6 +38,7 @@ from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_me
 from scxtrimo.data._vocabulary import GeneMapping, load_vocabulary, log_overlap, map_genes
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
 from scxtrimo.train._datamodule import PretrainingDataModule, PretrainingDataset
+from scxtrimo.train._finetune import FinetuneMode
 from scxtrimo.train._plan import XTrimoGeneTrainingPlan
 
 logger = logging.getLogger("scxtrimo")
@@ -125,10 +126,12 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         super().__init__(adata, registry=registry)
         cfg = get_config(config, **overrides)
         seed = settings.seed if seed is None else seed
+        labels_key, categories = _registered_labels(self.registry_)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.module = self._module_cls(cfg)
+            self.module = self._module_cls(cfg, n_labels=len(categories))
         self.module.eval()
+        self.classifier_ = _classifier_info(labels_key, categories) if categories else None
         self.config_ = cfg.to_dict()
         self.default_target_depth_ = "fold:1"
         self.source_ = "scxtrimo"
@@ -137,6 +140,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         self._model_summary_string = (
             f"XTrimoGene: encoder {cfg.encoder_dim}-d x {cfg.encoder_depth} layers, Performer "
             f"decoder {cfg.decoder_dim}-d x {cfg.decoder_depth} layers, {n_params:,} parameters"
+            + (f", classification head ({len(categories)} classes)" if categories else "")
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -249,6 +253,82 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         saved = (self.registry_ or {}).get("setup_args", {}) or {}
         args.update({k: saved[k] for k in _SETUP_DEFAULTS if k in saved})
         return args
+
+    @property
+    def label_categories(self) -> list | None:
+        """Classes of the classification head, in the order of its outputs (``None``: no head)."""
+        return None if not self.classifier_ else list(self.classifier_["categories"])
+
+    # ------------------------------------------------------------------------------------
+    # Classification head
+    # ------------------------------------------------------------------------------------
+
+    def add_classifier(
+        self,
+        adata: AnnData,
+        labels_key: str,
+        *,
+        batch_key: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Attach labelled data and a fresh classification head, keeping all other weights.
+
+        This is how a pretrained model (:meth:`load`, :meth:`from_scfoundation`) is prepared
+        for fine-tuning: ``adata`` is registered with the model's input settings and
+        ``labels_key``, becomes the model's AnnData, and a new, randomly initialised linear
+        head with one output per class replaces any existing one. Then call
+        ``model.train(finetune="head" | "last_layers" | "full")``.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells, with the same kind of input as the model (raw counts by default).
+        labels_key
+            ``obs`` column of cell-type labels; its categories become the head's classes.
+        batch_key
+            ``obs`` column of batches (recorded only).
+        seed
+            Seed of the head's initialisation (default: the model's seed).
+
+        Examples
+        --------
+        >>> model = XTrimoGene.load("pretrained/")
+        >>> model.add_classifier(adata, labels_key="cell_type")
+        >>> model.train(max_epochs=5, finetune="head")
+        >>> scxtrimo.tl.annotate(query, model)
+        """
+        args = {k: v for k, v in self.setup_args.items() if v is not None}
+        type(self).setup_anndata(adata, labels_key=labels_key, batch_key=batch_key, **args)
+        self._adata = adata
+        self._adata_manager = self._get_most_recent_anndata_manager(adata, required=True)
+        self._register_manager_for_instance(self._adata_manager)
+        self.registry_ = self._adata_manager._registry
+        self.summary_stats = AnnDataManager._get_summary_stats_from_registry(self.registry_)
+        _, categories = _registered_labels(self.registry_)
+        self._set_classifier(categories, labels_key, seed=seed)
+
+    def _set_classifier(
+        self,
+        categories: Sequence,
+        labels_key: str | None,
+        *,
+        seed: int | None = None,
+        info: dict | None = None,
+    ) -> None:
+        """Replace the classification head by a fresh one for ``categories`` (none if empty)."""
+        categories = list(categories)
+        module = self.module
+        if not categories:
+            module.classifier, module.n_labels, self.classifier_ = None, 0, None
+            return
+        seed = self.seed_ if seed is None else seed
+        device = next(module.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = torch.nn.Linear(4 * self.config.encoder_dim, len(categories))
+        module.classifier = head.to(device)
+        module.n_labels = len(categories)
+        self.classifier_ = {**_classifier_info(labels_key, categories), **(info or {})}
 
     # ------------------------------------------------------------------------------------
     # Input preparation
@@ -746,9 +826,11 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         num_workers: int = 0,
         invalid_cells: InvalidCells = "skip",
         plan_kwargs: dict | None = None,
+        finetune: FinetuneMode | None = None,
+        n_last_layers: int = 1,
         **trainer_kwargs,
     ):
-        """Pretrain (or continue pretraining) with masked regression through Lightning.
+        """Pretrain with masked regression, or fine-tune for annotation, through Lightning.
 
         Each epoch, 30% of every cell's non-zero genes and 3% of its zero genes are masked and
         predicted (MSE on log-normalised values); half of the cells are binomially
@@ -781,6 +863,21 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             Cells with < 2 in-vocabulary counts are ``"skip"``-ped (default) or ``"raise"``.
         plan_kwargs
             More arguments for :class:`~scxtrimo.train.XTrimoGeneTrainingPlan`.
+        finetune
+            ``None`` (default): masked-regression pretraining. Otherwise fine-tune the
+            classification head for the registered labels (``setup_anndata(...,
+            labels_key=...)`` or :meth:`add_classifier`) with cross-entropy; batches hold the
+            cells' encoder tokens and labels, nothing is masked and the decoder does not run.
+            ``"head"``: only the head, on the frozen encoder (a linear probe; the cell
+            embeddings are computed once, so epochs are almost free);
+            ``"last_layers"``: the head, the last ``n_last_layers`` encoder layers and the
+            encoder's final LayerNorm; ``"full"``: the head, the embeddings and the whole
+            encoder. Frozen parts run without dropout; the decoder is never changed. The
+            history then holds ``train_loss``/``validation_loss`` (cross-entropy) and
+            ``train_accuracy``/``validation_accuracy``; predict with
+            :func:`scxtrimo.tl.annotate`. ``masking`` is ignored.
+        n_last_layers
+            Encoder layers trained with ``finetune="last_layers"``.
         **trainer_kwargs
             More arguments for :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
             (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume...).
@@ -789,6 +886,30 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(
                 "Training needs registered data: XTrimoGene.setup_anndata(adata) and "
                 "XTrimoGene(adata, ...), or model = XTrimoGene.load(path, adata=adata)."
+            )
+        if finetune is not None:
+            from scxtrimo.train._finetune import run_finetuning
+
+            return run_finetuning(
+                self,
+                mode=finetune,
+                n_last_layers=n_last_layers,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_steps=warmup_steps,
+                train_size=train_size,
+                max_genes=max_genes,
+                seed=self.seed_ if seed is None else seed,
+                accelerator=accelerator,
+                devices=devices,
+                precision=precision,
+                gradient_clip_val=gradient_clip_val,
+                num_workers=num_workers,
+                invalid_cells=invalid_cells,
+                plan_kwargs=plan_kwargs,
+                trainer_kwargs=trainer_kwargs,
             )
         if self.setup_args["input_type"] != "counts":
             raise ValueError(
@@ -858,6 +979,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             "max_genes": max_genes,
             "seed": seed,
             "masking": masking.__dict__,
+            "finetune": None,
         }
         return out
 
@@ -920,6 +1042,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             "training_args": getattr(self, "training_args_", None),
             "history": history,
             "registry": _jsonable(self.registry_),
+            "classifier": _jsonable(self.classifier_),
             "n_parameters": int(sum(p.numel() for p in self.module.parameters())),
         }
         _atomic_write(weights, lambda f: torch.save(state, f))
@@ -962,14 +1085,22 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         config = XTrimoGeneConfig.from_dict(metadata["config"])
         state = read_state_dict(path / f"{prefix}{MODEL_FILE}")
         registry = _registry_from_json(metadata.get("registry"), cls.__name__)
+        classifier = metadata.get("classifier") or None
         if adata is not None:
-            cls.setup_anndata(
-                adata, **{k: v for k, v in metadata["setup_args"].items() if v is not None}
-            )
+            setup = {k: v for k, v in metadata["setup_args"].items() if v is not None}
+            if classifier and classifier.get("labels_key") in adata.obs.columns:
+                setup["labels_key"] = classifier["labels_key"]  # ready to fine-tune further
+            cls.setup_anndata(adata, **setup)
             model = cls(adata, config=config, seed=metadata.get("seed"))
         else:
             model = cls(None, config=config, seed=metadata.get("seed"), registry=registry)
             model.registry_["setup_args"] = dict(metadata["setup_args"])
+        # The head is the one that was saved, whatever the attached data registers.
+        model._set_classifier(
+            (classifier or {}).get("categories") or [],
+            (classifier or {}).get("labels_key"),
+            info=classifier,
+        )
         load_state_dict_checked(model.module, state, source=str(path / f"{prefix}{MODEL_FILE}"))
         model.default_target_depth_ = metadata.get("default_target_depth", "fold:1")
         model.source_ = metadata.get("source", "scxtrimo")
@@ -1090,3 +1221,28 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _registered_labels(registry: dict | None) -> tuple[str | None, list]:
+    """``(labels_key, categories)`` registered for the labels; ``(None, [])`` without labels."""
+    registry = registry or {}
+    labels_key = (registry.get("setup_args") or {}).get("labels_key")
+    if labels_key is None:
+        return None, []
+    field = (registry.get("field_registries") or {}).get(REGISTRY_KEYS.LABELS_KEY) or {}
+    mapping = (field.get("state_registry") or {}).get("categorical_mapping")
+    if mapping is None:
+        return labels_key, []
+    return labels_key, [c.item() if isinstance(c, np.generic) else c for c in mapping]
+
+
+def _classifier_info(labels_key: str | None, categories: Sequence) -> dict:
+    """What the saved model records about its classification head."""
+    return {
+        "labels_key": labels_key,
+        "categories": [c.item() if isinstance(c, np.generic) else c for c in categories],
+        "trained": False,
+        "finetune": None,
+        "n_last_layers": None,
+        "max_genes": None,
+    }

@@ -29,7 +29,8 @@ def training_history(
         A model trained with :meth:`~scxtrimo.model.XTrimoGene.train`.
     keys
         History entries to draw; default every loss entry (``train_loss``,
-        ``validation_loss``...).
+        ``validation_loss``...) and, after fine-tuning, ``train_accuracy`` and
+        ``validation_accuracy`` (on a second y axis).
     ax
         Axes to draw into; a new figure by default.
     show
@@ -43,24 +44,52 @@ def training_history(
     history = model.history_ or {}
     if not history:
         raise ValueError("The model has no training history; train it first.")
-    keys = keys or sorted(k for k in history if "loss" in k or "mse" in k)
+    keys = keys or sorted(k for k in history if "loss" in k or "mse" in k or "accuracy" in k)
     missing = [k for k in keys if k not in history]
     if missing:
         raise KeyError(f"Not in the history: {missing}; available: {sorted(history)}.")
+    finetuned = any("accuracy" in k for k in history)
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.5))
+    accuracy_keys = [k for k in keys if "accuracy" in k]
+    twin = ax.twinx() if accuracy_keys and len(accuracy_keys) < len(keys) else None
     for key in keys:
         frame = history[key]
-        ax.plot(
-            np.asarray(frame.index), frame[key].to_numpy(dtype=float), marker="o", ms=3, label=key
+        target = twin if twin is not None and key in accuracy_keys else ax
+        target.plot(
+            np.asarray(frame.index),
+            frame[key].to_numpy(dtype=float),
+            marker="o",
+            ms=3,
+            ls="--" if target is twin else "-",
+            color=_split_color(key, keys),
+            label=key,
         )
     ax.set_xlabel("epoch")
-    ax.set_ylabel("masked MSE (log1p scale)")
-    ax.legend(frameon=False)
+    if finetuned:
+        ax.set_ylabel("accuracy" if len(accuracy_keys) == len(keys) else "cross-entropy")
+    else:
+        ax.set_ylabel("masked MSE (log1p scale)")
+    if twin is not None:
+        twin.set_ylabel("accuracy")
+        handles = ax.get_legend_handles_labels()
+        extra = twin.get_legend_handles_labels()
+        ax.legend(handles[0] + extra[0], handles[1] + extra[1], frameon=False, fontsize=8)
+    else:
+        ax.legend(frameon=False)
     ax.set_title("xTrimoGene training")
     if show or (show is None and plt.isinteractive()):
         plt.show()
     return ax
+
+
+def _split_color(key: str, keys: list[str]) -> str:
+    """Same colour for a split's loss and accuracy: training blue, validation orange."""
+    if "accuracy" in key:
+        twin = key.replace("accuracy", "loss")
+        if twin in keys:
+            key = twin
+    return f"C{keys.index(key) % 10}"
 
 
 def gene_overlap(

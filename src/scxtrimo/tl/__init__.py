@@ -1,6 +1,24 @@
 """Tools: scanpy-style functions that write their results into AnnData."""
 
+from ._annotate import annotate, predict_proba
 from ._embed import embed, resolve_model
+from ._enhance import enhance
 from ._evaluate import knn_accuracy, pca_baseline
+from ._genes import cluster_genes, context_gene_embeddings, gene_embeddings, gene_modules
+from ._transfer import knn_vote, transfer_labels
 
-__all__ = ["embed", "knn_accuracy", "pca_baseline", "resolve_model"]
+__all__ = [
+    "annotate",
+    "cluster_genes",
+    "context_gene_embeddings",
+    "embed",
+    "enhance",
+    "gene_embeddings",
+    "gene_modules",
+    "knn_accuracy",
+    "knn_vote",
+    "pca_baseline",
+    "predict_proba",
+    "resolve_model",
+    "transfer_labels",
+]

@@ -1,11 +1,21 @@
 """Training plans and data modules (Lightning)."""
 
 from ._datamodule import LengthBucketBatchSampler, PretrainingDataModule, PretrainingDataset
+from ._finetune import (
+    FinetuningDataset,
+    FinetuningTrainingPlan,
+    finetune_plan,
+    freeze_for_finetuning,
+)
 from ._plan import XTrimoGeneTrainingPlan
 
 __all__ = [
+    "FinetuningDataset",
+    "FinetuningTrainingPlan",
     "LengthBucketBatchSampler",
     "PretrainingDataModule",
     "PretrainingDataset",
     "XTrimoGeneTrainingPlan",
+    "finetune_plan",
+    "freeze_for_finetuning",
 ]

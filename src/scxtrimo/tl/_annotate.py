@@ -1,0 +1,255 @@
+"""``scxtrimo.tl.annotate``: cell-type annotation with a fine-tuned model or a reference."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from anndata import AnnData
+
+from scxtrimo import __version__
+
+from ._embed import _target, resolve_model
+from ._transfer import _embeddings, _reference_labels, _row_max, _write_labels, knn_vote
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+    from scxtrimo.model import XTrimoGene
+
+
+def _is_data(obj) -> bool:
+    try:
+        from mudata import MuData
+    except ImportError:  # pragma: no cover - mudata is a dependency
+        MuData = ()  # type: ignore[assignment]
+    return isinstance(obj, AnnData | MuData)
+
+
+def predict_proba(
+    model: XTrimoGene,
+    adata: AnnData,
+    *,
+    batch_size: int | None = None,
+    max_tokens: int = 16_384,
+    max_genes: int | None = None,
+    invalid_cells: Literal["raise", "skip"] = "raise",
+    device: str | None = None,
+    progress_bar: bool | None = None,
+    **setup_overrides,
+) -> np.ndarray:
+    """Class probabilities from a fine-tuned model's classification head.
+
+    Parameters
+    ----------
+    model
+        A model fine-tuned with ``train(finetune=...)``.
+    adata
+        Cells to classify (not modified, need not be registered).
+    batch_size, max_tokens, device, progress_bar
+        As in :meth:`~scxtrimo.model.XTrimoGene.get_latent_representation`.
+    max_genes
+        Cap on gene tokens per cell; ``None`` uses the cap the head was fine-tuned with.
+    invalid_cells
+        ``"raise"`` or ``"skip"`` cells with < 2 in-vocabulary counts (NaN rows).
+    **setup_overrides
+        ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
+        ``total_counts_key``.
+
+    Returns
+    -------
+    ``float32`` array ``[cells, classes]`` (classes in ``model.label_categories`` order).
+    """
+    import torch
+
+    info = model.classifier_
+    if model.module.classifier is None or not info:
+        raise ValueError(
+            "This model has no classification head. Fine-tune one: "
+            "model.add_classifier(adata, labels_key=...) then model.train(finetune='head'), "
+            "or pass a labelled reference AnnData instead of the model."
+        )
+    if not info.get("trained"):
+        raise ValueError(
+            "The model's classification head has not been trained; run "
+            "model.train(finetune='head' | 'last_layers' | 'full') first."
+        )
+    max_genes = info.get("max_genes") if max_genes is None else max_genes
+    prep = model.prepare_input(adata, max_genes=max_genes, invalid=invalid_cells, **setup_overrides)
+    z = model._latent_from_prepared(
+        prep,
+        batch_size=batch_size,
+        pooling="all",
+        max_tokens=max_tokens,
+        device=device,
+        autocast=None,
+        progress_bar=progress_bar,
+    )
+    head = model.module.classifier
+    weight = head.weight.detach().float().cpu()
+    bias = head.bias.detach().float().cpu()
+    out = np.full((z.shape[0], weight.shape[0]), np.nan, dtype=np.float32)
+    valid = np.flatnonzero(np.isfinite(z).all(axis=1))
+    for start in range(0, valid.size, 4096):
+        rows = valid[start : start + 4096]
+        with torch.inference_mode():
+            logits = torch.from_numpy(z[rows]) @ weight.T + bias
+            out[rows] = torch.softmax(logits, dim=-1).numpy()
+    return out
+
+
+def annotate(
+    query: AnnData | MuData,
+    model_or_reference: XTrimoGene | str | os.PathLike | AnnData | MuData,
+    *,
+    labels_key: str | None = None,
+    key_added: str = "scxtrimo_label",
+    model: XTrimoGene | str | os.PathLike | None = None,
+    use_rep: str = "X_scxtrimo",
+    k: int = 15,
+    layer: str | None = None,
+    gene_symbols_key: str | None = None,
+    gene_ids_key: str | None = None,
+    input_type: Literal["counts", "log1p", "bulk"] | None = None,
+    total_counts_key: str | None = None,
+    batch_size: int | None = None,
+    max_genes: int | None = None,
+    invalid_cells: Literal["raise", "skip"] = "raise",
+    mod: str = "rna",
+    device: str | None = None,
+    progress_bar: bool | None = None,
+    copy: bool = False,
+) -> AnnData | MuData | None:
+    """Annotate cell types with a fine-tuned model, or from a labelled reference.
+
+    With a model fine-tuned through ``model.train(finetune=...)``, the classification head
+    gives each cell a probability per class. With a labelled reference AnnData instead, the
+    probabilities are the distance-weighted vote shares of the cell's ``k`` nearest
+    reference cells in the embedding (as in :func:`~scxtrimo.tl.transfer_labels`). Nothing
+    but the keys listed below is changed.
+
+    Parameters
+    ----------
+    query
+        Cells to annotate (raw counts unless the model was set up otherwise). A
+        :class:`~mudata.MuData` is annotated through its modality ``mod``.
+    model_or_reference
+        A fine-tuned :class:`~scxtrimo.model.XTrimoGene` or the folder it was saved to; or a
+        labelled reference AnnData / MuData (then ``labels_key`` is required).
+    labels_key
+        Reference ``obs`` column of labels (reference only).
+    key_added
+        Base name of the outputs.
+    model
+        Reference only: model to embed query and reference with when either lacks
+        ``.obsm[use_rep]``.
+    use_rep
+        Reference only: ``.obsm`` key of the embeddings.
+    k
+        Reference only: neighbours.
+    layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key, batch_size, invalid_cells
+        How to read the cells; see :func:`scxtrimo.tl.embed`.
+    max_genes
+        Model only: cap on gene tokens per cell (default: as in fine-tuning).
+    mod
+        Modality of a MuData.
+    device, progress_bar
+        Where to compute; progress bar.
+    copy
+        Return a modified copy of ``query`` instead of writing into it.
+
+    Returns
+    -------
+    ``None``, or the modified copy when ``copy=True``. Sets
+
+    ``.obs[key_added]``
+        Categorical: the most probable class (NaN for skipped cells).
+    ``.obs[f"{key_added}_confidence"]``
+        ``float32``: the probability of that class.
+    ``.obsm[f"{key_added}_probabilities"]``
+        ``float32`` array ``[cells, classes]``; column ``j`` is class
+        ``.uns["scxtrimo"][key_added]["classes"][j]``.
+    ``.uns["scxtrimo"][key_added]``
+        ``method`` (``"classifier"`` or ``"knn"``), ``classes``, the model or reference
+        settings and the scxtrimo version.
+
+    Examples
+    --------
+    >>> XTrimoGene.setup_anndata(reference, labels_key="cell_type")
+    >>> model = XTrimoGene(reference, config="small")  # or XTrimoGene.load + add_classifier
+    >>> model.train(max_epochs=5, finetune="last_layers")
+    >>> scxtrimo.tl.annotate(query, model)
+    >>> query.obs[["scxtrimo_label", "scxtrimo_label_confidence"]]
+    """
+    if copy:
+        if getattr(query, "isbacked", False):
+            raise ValueError("copy=True is not possible for a backed AnnData; use copy=False.")
+        query = query.copy()
+    target = _target(query, mod)
+    overrides = {
+        "layer": layer,
+        "gene_symbols_key": gene_symbols_key,
+        "gene_ids_key": gene_ids_key,
+        "input_type": input_type,
+        "total_counts_key": total_counts_key,
+    }
+    if _is_data(model_or_reference):
+        if labels_key is None:
+            raise ValueError("Annotating from a reference AnnData needs labels_key=<obs column>.")
+        ref = _target(model_or_reference, mod)
+        labels = _reference_labels(ref, labels_key)
+        q_emb, r_emb, source = _embeddings(
+            target,
+            ref,
+            model=model,
+            use_rep=use_rep,
+            embed_kwargs={
+                **overrides,
+                "batch_size": batch_size,
+                "invalid_cells": invalid_cells,
+                "device": device,
+                "progress_bar": progress_bar,
+            },
+        )
+        classes, probabilities = knn_vote(q_emb, r_emb, labels, k=k)
+        probabilities = probabilities.astype(np.float32)
+        params = {
+            "method": "knn",
+            "k": int(k),
+            "use_rep": source,
+            "labels_key": labels_key,
+            "n_reference_cells": int(ref.n_obs),
+        }
+    else:
+        if labels_key is not None:
+            raise ValueError(
+                "labels_key is for a reference AnnData; a fine-tuned model brings its classes."
+            )
+        net = resolve_model(model_or_reference, device=device)
+        probabilities = predict_proba(
+            net,
+            target,
+            batch_size=batch_size,
+            max_genes=max_genes,
+            invalid_cells=invalid_cells,
+            device=device,
+            progress_bar=progress_bar,
+            **overrides,
+        )
+        classes = net.label_categories
+        params = {
+            "method": "classifier",
+            "model": net.source_,
+            "finetune": net.classifier_.get("finetune"),
+            "labels_key": net.classifier_.get("labels_key"),
+        }
+    _write_labels(target, key_added, classes, probabilities)
+    target.obs[f"{key_added}_confidence"] = _row_max(probabilities)
+    target.obsm[f"{key_added}_probabilities"] = probabilities
+    target.uns.setdefault("scxtrimo", {})[key_added] = {
+        **params,
+        "classes": [str(c) for c in classes],
+        "scxtrimo_version": __version__,
+    }
+    return query if copy else None

@@ -1,0 +1,444 @@
+"""Fine-tuning for cell-type annotation: label batches, parameter freezing, training plan.
+
+Fine-tuning trains the classification head of :class:`~scxtrimo.module.XTrimoGeneModule` (a
+linear layer on the ``"all"``-pooled cell embedding) with cross-entropy. Batches hold the
+encoder tokens of each cell's non-zero genes and its label; nothing is masked and the decoder
+never runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Dataset
+
+from scxtrimo.data._matrix import as_row_accessible
+from scxtrimo.data._tokens import InputSpec, TokenIndex, inference_batch
+
+from ._plan import XTrimoGeneTrainingPlan
+
+if TYPE_CHECKING:
+    from scxtrimo.module import XTrimoGeneModule
+
+FinetuneMode = Literal["head", "last_layers", "full"]
+FINETUNE_MODES: tuple[str, ...] = ("head", "last_layers", "full")
+
+# Parts of the module that the classification loss never reaches (the decoder side).
+_DECODER_PARTS = ("decoder_embed", "decoder", "head_norm", "expression_head")
+
+
+def finetune_plan(
+    module: XTrimoGeneModule, mode: FinetuneMode, n_last_layers: int = 1
+) -> tuple[list[str], list[str]]:
+    """Which parameters a fine-tuning mode trains, and which sub-modules stay frozen.
+
+    Parameters
+    ----------
+    module
+        A module with a classification head (``n_labels > 0``).
+    mode
+        ``"head"``: only the classifier, on a frozen encoder (a linear probe).
+        ``"last_layers"``: the classifier, the last ``n_last_layers`` encoder layers and the
+        encoder's final LayerNorm. ``"full"``: the classifier, the value and gene embeddings
+        and the whole encoder. The decoder side (``decoder_embed``, ``decoder``,
+        ``head_norm``, ``expression_head``) receives no gradient from the classification loss
+        and is frozen in every mode, so its weights are left exactly as they were.
+    n_last_layers
+        Encoder layers to train with ``mode="last_layers"`` (1 to the encoder depth).
+
+    Returns
+    -------
+    trainable
+        Names of the parameters to train (as in ``module.named_parameters()``).
+    frozen_modules
+        Names of the frozen sub-modules that run in the forward pass; they are kept in
+        evaluation mode (no dropout) while the rest trains.
+    """
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, not {mode!r}.")
+    if getattr(module, "classifier", None) is None:
+        raise ValueError(
+            "The module has no classification head; register labels first "
+            "(XTrimoGene.setup_anndata(adata, labels_key=...) or model.add_classifier(...))."
+        )
+    depth = len(module.encoder.layers)
+    if mode == "last_layers" and not 1 <= int(n_last_layers) <= depth:
+        raise ValueError(f"n_last_layers must be between 1 and {depth}, got {n_last_layers}.")
+    if mode == "head":
+        prefixes = ["classifier."]
+        frozen = ["value_embedding", "gene_embedding", "encoder"]
+    elif mode == "last_layers":
+        first = depth - int(n_last_layers)
+        prefixes = ["classifier.", "encoder.final_norm."]
+        prefixes += [f"encoder.layers.{i}." for i in range(first, depth)]
+        frozen = ["value_embedding", "gene_embedding"]
+        frozen += [f"encoder.layers.{i}" for i in range(first)]
+    else:
+        prefixes = ["classifier.", "value_embedding.", "gene_embedding.", "encoder."]
+        frozen = []
+    trainable = [
+        name for name, _ in module.named_parameters() if any(name.startswith(p) for p in prefixes)
+    ]
+    return trainable, frozen
+
+
+def freeze_for_finetuning(
+    module: XTrimoGeneModule, mode: FinetuneMode, n_last_layers: int = 1
+) -> list[str]:
+    """Set ``requires_grad`` of every parameter for a fine-tuning mode.
+
+    Parameters
+    ----------
+    module
+        The module (with a classification head).
+    mode, n_last_layers
+        See :func:`finetune_plan`.
+
+    Returns
+    -------
+    Names of the trainable parameters.
+    """
+    trainable, _ = finetune_plan(module, mode, n_last_layers)
+    keep = set(trainable)
+    for name, param in module.named_parameters():
+        param.requires_grad_(name in keep)
+    return trainable
+
+
+class FinetuningDataset(Dataset):
+    """Builds a whole labelled batch per ``__getitem__((epoch, cells))`` call.
+
+    Each batch holds the encoder tokens of the cells (as in inference: ``T``, ``S`` and the
+    non-zero genes, nothing masked) and ``labels`` (int64 class indices).
+
+    Parameters
+    ----------
+    matrix
+        Cells x genes (in memory or backed).
+    col_to_vocab
+        Column-to-vocabulary map of the dataset.
+    spec
+        How values become model inputs (input type, target depth, gene cap).
+    index
+        Special token indices of the model.
+    labels
+        Class index of every row of ``matrix`` (``-1``: unlabelled, never sampled).
+    total_counts
+        Per-cell read depth for log-normalised input, or ``None``.
+    """
+
+    def __init__(
+        self,
+        matrix: Any,
+        col_to_vocab: np.ndarray,
+        spec: InputSpec,
+        index: TokenIndex,
+        labels: np.ndarray,
+        total_counts: np.ndarray | None = None,
+    ) -> None:
+        self.matrix = as_row_accessible(matrix)
+        self.col_to_vocab = col_to_vocab
+        self.spec = spec
+        self.index = index
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.total_counts = total_counts
+        if self.labels.shape[0] != self.matrix.shape[0]:
+            raise ValueError("labels must have one entry per row of the matrix.")
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        _, cells = item
+        cells = np.asarray(cells, dtype=np.int64)
+        if sp.issparse(self.matrix) and self.matrix.format == "csr":
+            block, rows = self.matrix, cells
+        else:  # backed or dense: read the rows in sorted order (h5py needs it)
+            order = np.argsort(cells)
+            block = self.matrix[cells[order]]
+            block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
+            rows = np.empty_like(order)
+            rows[order] = np.arange(len(cells))
+        totals = None if self.total_counts is None else self.total_counts[cells]
+        tokens = inference_batch(block, rows, self.col_to_vocab, self.spec, self.index, totals)
+        out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tokens.items()}
+        out["labels"] = torch.from_numpy(self.labels[cells])
+        out["cell_index"] = torch.from_numpy(cells)
+        return out
+
+
+class EmbeddingDataset(Dataset):
+    """Labelled batches of precomputed cell embeddings (``z``), for head-only fine-tuning.
+
+    Parameters
+    ----------
+    z
+        ``"all"``-pooled cell embeddings, one row per cell of the AnnData.
+    labels
+        Class index per row.
+    """
+
+    def __init__(self, z: np.ndarray, labels: np.ndarray) -> None:
+        self.matrix = np.asarray(z, dtype=np.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        _, cells = item
+        cells = np.asarray(cells, dtype=np.int64)
+        return {
+            "z": torch.from_numpy(np.ascontiguousarray(self.matrix[cells])),
+            "labels": torch.from_numpy(self.labels[cells]),
+            "cell_index": torch.from_numpy(cells),
+        }
+
+
+class FinetuningTrainingPlan(XTrimoGeneTrainingPlan):
+    """Training plan for classification fine-tuning.
+
+    Same optimiser and schedule as :class:`XTrimoGeneTrainingPlan` (AdamW over the parameters
+    with ``requires_grad``, warm-up, cosine decay); frozen sub-modules run in evaluation mode
+    (no dropout), and ``train_accuracy`` / ``validation_accuracy`` are logged next to the
+    cross-entropy losses.
+
+    Parameters
+    ----------
+    module
+        The module, with a classification head.
+    frozen_modules
+        Names of sub-modules kept in evaluation mode.
+    **kwargs
+        Passed to :class:`XTrimoGeneTrainingPlan`.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, *, frozen_modules: Sequence[str] = (), **kwargs
+    ) -> None:
+        super().__init__(module, **kwargs)
+        self.frozen_modules = list(frozen_modules)
+
+    def _freeze_modes(self) -> None:
+        for name in self.frozen_modules:
+            self.module.get_submodule(name).eval()
+
+    def training_step(self, batch, batch_idx):
+        """One step; frozen parts run in evaluation mode (Lightning switches all to training)."""
+        self._freeze_modes()
+        return self._step(batch, "train")
+
+    def _step(self, batch: dict, mode: str) -> torch.Tensor:
+        if "z" in batch:  # head only, on precomputed embeddings of the frozen encoder
+            logits = self.module.classifier(batch["z"])
+            labels = batch["labels"].reshape(-1).long()
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+        else:
+            _, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
+            loss, logits, labels = out.loss, out.logits, out.true_labels
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The {mode} loss became {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}). Lower the learning rate (lr) or keep gradient "
+                "clipping on."
+            )
+        n = int(labels.shape[0])
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        for key, value, bar in ((f"{mode}_loss", loss, True), (f"{mode}_accuracy", accuracy, True)):
+            self.log(
+                key,
+                value,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=bar,
+                batch_size=n,
+                sync_dist=self.use_sync_dist,
+            )
+        return loss
+
+
+def registered_label_codes(model: Any, categories: Sequence[Any]) -> np.ndarray:
+    """Class index (into ``categories``) of every cell of the model's registered AnnData.
+
+    Cells whose label is missing get ``-1``; labels outside ``categories`` raise an error.
+    """
+    from scvi import REGISTRY_KEYS
+
+    manager = model.adata_manager
+    state = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+    registered = list(state.categorical_mapping)
+    codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).reshape(-1)
+    position = {c: i for i, c in enumerate(categories)}
+    unknown = [c for c in registered if c not in position]
+    present = np.unique(codes[codes >= 0])
+    unknown_present = [registered[int(i)] for i in present if registered[int(i)] in unknown]
+    if unknown_present:
+        raise ValueError(
+            f"Labels {unknown_present[:5]} are not classes of the model's classification head "
+            f"({list(categories)[:10]}); attach a fresh head with model.add_classifier(adata, "
+            "labels_key=...)."
+        )
+    lookup = np.array([position.get(c, -1) for c in registered], dtype=np.int64)
+    out = np.full(codes.shape, -1, dtype=np.int64)
+    valid = codes >= 0
+    out[valid] = lookup[codes[valid].astype(np.int64)]
+    return out
+
+
+def run_finetuning(
+    model: Any,
+    *,
+    mode: FinetuneMode,
+    n_last_layers: int,
+    max_epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int | None,
+    train_size: float,
+    max_genes: int | None,
+    seed: int,
+    accelerator: str,
+    devices: Any,
+    precision: Any,
+    gradient_clip_val: float,
+    num_workers: int,
+    invalid_cells: str,
+    plan_kwargs: dict | None,
+    trainer_kwargs: dict,
+):
+    """Fine-tune ``model`` (an :class:`~scxtrimo.model.XTrimoGene`) for its registered labels.
+
+    Called by :meth:`~scxtrimo.model.XTrimoGene.train` with ``finetune=...``; see there.
+    With ``mode="head"`` the frozen encoder's cell embeddings are computed once (the encoder
+    runs without dropout, so they would be identical every epoch) and the head is trained on
+    them: epochs then cost almost nothing.
+    """
+    from scxtrimo._settings import settings
+
+    from ._datamodule import PretrainingDataModule
+
+    module = model.module
+    if module.classifier is None or not model.classifier_:
+        raise ValueError(
+            "Fine-tuning needs labels: XTrimoGene.setup_anndata(adata, labels_key=...) before "
+            "creating the model, or model.add_classifier(adata, labels_key=...) for a "
+            "pretrained or loaded model."
+        )
+    categories = model.classifier_["categories"]
+    labels = registered_label_codes(model, categories)
+    trainable, frozen = finetune_plan(module, mode, n_last_layers)
+    prep = model.prepare_input(model.adata, invalid=invalid_cells, max_genes=max_genes)
+    cells = prep.cells[labels[prep.cells] >= 0]
+    if len(cells) < 2:
+        raise ValueError("Fine-tuning needs at least 2 labelled, valid cells.")
+    if mode == "head":
+        # The frozen encoder runs without dropout, so its embeddings are the same every epoch:
+        # compute them once (length-bucketed inference) and train the head on them.
+        z = model._latent_from_prepared(
+            dataclasses.replace(prep, cells=cells),
+            batch_size=None,
+            pooling="all",
+            max_tokens=16_384,
+            device=None,
+            autocast=None,
+            progress_bar=trainer_kwargs.get("enable_progress_bar", settings.progress_bar),
+        )
+        dataset = EmbeddingDataset(z, labels)
+    else:
+        dataset = FinetuningDataset(
+            prep.matrix,
+            prep.mapping.col_to_vocab,
+            prep.spec,
+            TokenIndex(model.config.n_genes),
+            labels,
+            prep.total_counts,
+        )
+    datamodule = PretrainingDataModule(
+        dataset,
+        prep.stats.n_tokens,
+        cells,
+        batch_size=batch_size,
+        train_size=train_size,
+        seed=seed,
+        num_workers=num_workers,
+        pin_memory=accelerator in ("gpu", "cuda")
+        or (accelerator == "auto" and torch.cuda.is_available()),
+    )
+    plan = FinetuningTrainingPlan(
+        module,
+        frozen_modules=frozen,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        **(plan_kwargs or {}),
+    )
+    trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+    trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
+    trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+    trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+    trainer_kwargs.setdefault("deterministic", "warn")
+    trainer_kwargs.setdefault("benchmark", False)
+    if precision is not None:
+        trainer_kwargs["precision"] = precision
+    previous = getattr(model, "training_args_", None) or {}
+    if previous.get("finetune") is None:
+        # The history of a pretraining run holds other metrics: start a fresh one.
+        model.history_ = None
+        was_trained, model.is_trained_ = model.is_trained_, False
+    else:
+        was_trained = model.is_trained_
+    keep = set(trainable)
+    saved_flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    for name, param in module.named_parameters():
+        param.requires_grad_(name in keep)
+    torch.manual_seed(seed)
+    module.train()
+    try:
+        runner = model._train_runner_cls(
+            model,
+            training_plan=plan,
+            data_splitter=datamodule,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            **trainer_kwargs,
+        )
+        out = runner()
+    except BaseException:
+        model.is_trained_ = was_trained
+        raise
+    finally:
+        for name, param in module.named_parameters():
+            param.requires_grad_(saved_flags[name])
+        module.eval()
+    if model.history_:
+        model.history_ = {k: v.astype(float) for k, v in model.history_.items()}
+    model.classifier_ = {
+        **model.classifier_,
+        "trained": True,
+        "finetune": mode,
+        "n_last_layers": int(n_last_layers) if mode == "last_layers" else None,
+        "max_genes": max_genes,
+    }
+    model.training_args_ = {
+        "finetune": mode,
+        "n_last_layers": int(n_last_layers),
+        "max_epochs": max_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "train_size": train_size,
+        "max_genes": max_genes,
+        "seed": seed,
+        "n_cells": len(cells),
+        "trainable_parameters": int(
+            sum(p.numel() for n, p in module.named_parameters() if n in keep)
+        ),
+    }
+    return out
