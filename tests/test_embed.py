@@ -248,3 +248,38 @@ def test_model_argument_resolution(pbmc, tiny_model, tmp_path):
         scxtrimo.tl.embed(pbmc[:5].copy(), tmp_path / "nope")
     with pytest.raises(TypeError, match="model must be"):
         scxtrimo.tl.embed(pbmc[:5].copy(), 42)
+
+
+def test_other_gene_sets_work_and_a_gene_subset_warns(pbmc, tiny_model):
+    from scxtrimo.data import LowVocabularyCoverageWarning
+
+    subset = pbmc[:10, :2000].copy()  # e.g. data with other genes than the training data
+    with pytest.warns(LowVocabularyCoverageWarning, match="2,000 of the 19,264"):
+        emb = tiny_model.get_latent_representation(subset)
+    assert np.isfinite(emb).all()
+    # the same counts with the missing genes as explicit zero columns give the same result
+    padded = ad.AnnData(
+        X=sp.hstack([subset.X, sp.csr_matrix((10, 50), dtype=subset.X.dtype)]).tocsr(),
+        var=pd.DataFrame(index=[*subset.var_names, *pbmc.var_names[5000:5050]]),
+    )
+    with pytest.warns(LowVocabularyCoverageWarning):
+        np.testing.assert_allclose(tiny_model.get_latent_representation(padded), emb, atol=1e-6)
+
+
+def test_duplicate_gene_names_are_summed(pbmc, tiny_model):
+    cells = pbmc[:8].copy()
+    names = list(cells.var_names)
+    split = cells.X.copy().astype(np.int64)
+    halves = split[:, :1].copy()
+    halves.data = halves.data // 2
+    doubled = ad.AnnData(
+        X=sp.hstack(
+            [split - sp.hstack([halves, sp.csr_matrix((8, split.shape[1] - 1))]), halves]
+        ).tocsr(),
+        var=pd.DataFrame(index=[*names, names[0]]),
+    )
+    np.testing.assert_allclose(
+        tiny_model.get_latent_representation(doubled),
+        tiny_model.get_latent_representation(cells),
+        atol=1e-6,
+    )

@@ -86,4 +86,5 @@ def test_installed_wheel_runs(wheel, tmp_path):
         text=True,
         cwd=tmp_path,
     )
-    assert cli.returncode == 0 and "PBMC" in cli.stdout
+    assert cli.returncode == 0
+    assert "PBMC" in cli.stdout

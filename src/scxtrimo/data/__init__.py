@@ -10,6 +10,7 @@ from ._validation import CellStats, invalid_cells, scan_cells
 from ._vocabulary import (
     GeneMapping,
     GeneVocabulary,
+    LowVocabularyCoverageWarning,
     load_vocabulary,
     looks_like_ensembl,
     map_genes,
@@ -21,6 +22,7 @@ __all__ = [
     "GeneVocabulary",
     "InferenceBatch",
     "InputSpec",
+    "LowVocabularyCoverageWarning",
     "MaskingSpec",
     "TargetDepth",
     "TokenIndex",

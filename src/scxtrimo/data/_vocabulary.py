@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
@@ -38,6 +39,13 @@ _SYMBOL_COLUMN_HINTS = (
 _ID_COLUMN_HINTS = ("gene_ids", "gene_id", "ensembl_id", "ensembl", "feature_id")
 
 DuplicatePolicy = Literal["sum", "first", "error"]
+
+
+class LowVocabularyCoverageWarning(UserWarning):
+    """The data cover less than half of the model vocabulary (e.g. a highly-variable-gene subset).
+
+    Filter it like any warning: ``warnings.filterwarnings("ignore", category=...)``.
+    """
 
 
 @dataclass(frozen=True)
@@ -381,11 +389,11 @@ def log_overlap(mapping: GeneMapping, count_fraction: float | None = None) -> No
         share,
     )
     if mapping.vocab_fraction < 0.5:
-        logger.warning(
-            "The data cover only %d of the %d vocabulary genes (%.1f%%): the model expects the "
-            "whole transcriptome, and a gene subset (e.g. highly variable genes) gives weaker "
+        warnings.warn(
+            f"The data cover only {mapping.n_vocab_genes:,} of the {mapping.n_vocab:,} "
+            f"vocabulary genes ({mapping.vocab_fraction:.1%}): the model expects the whole "
+            "transcriptome, and a gene subset (e.g. highly variable genes) gives weaker "
             "embeddings. Use the unfiltered counts (e.g. adata.raw) if you have them.",
-            mapping.n_vocab_genes,
-            mapping.n_vocab,
-            100 * mapping.vocab_fraction,
+            LowVocabularyCoverageWarning,
+            stacklevel=3,
         )
