@@ -346,6 +346,7 @@ def _config_from_official(model_config: Mapping[str, Any], where: str) -> XTrimo
             encoder_norm_first=bool(encoder.get("norm_first", False)),
             encoder_activation="relu",
             encoder_dropout=_OFFICIAL_ENCODER_DROPOUT,
+            encoder_attention_dropout=_OFFICIAL_ENCODER_DROPOUT,  # torch layers drop attention weights too
             decoder_dim=decoder_dim,
             decoder_depth=_require_int(decoder, "depth", f"{where}['decoder']"),
             decoder_heads=_require_int(decoder, "heads", f"{where}['decoder']"),
