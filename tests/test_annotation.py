@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _keys import assert_only_changed, full_snapshot
 from lightning.pytorch.callbacks import Callback
 
 import scxtrimo
+from _keys import assert_only_changed, full_snapshot
 from scxtrimo.model import XTrimoGene
 from scxtrimo.train import finetune_plan
 
@@ -96,7 +96,7 @@ def test_finetune_modes_train_exactly_their_parameters(kang, mode):
     else:
         assert {"gene_index", "value", "padding_mask", "labels"} <= record.batch_keys
         assert "masked_index" not in record.batch_keys
-        assert record.training["encoder.layers.%d" % (depth - 1)]
+        assert record.training[f"encoder.layers.{depth - 1}"]
 
     after = model.module.state_dict()
     for name, value in before.items():
@@ -131,6 +131,11 @@ def test_finetuning_needs_labels_and_valid_layer_count(pbmc, kang):
         model.train(max_epochs=1, finetune="last_layers", n_last_layers=5, **FAST)
     with pytest.raises(ValueError, match="finetune must be"):
         model.train(max_epochs=1, finetune="everything", **FAST)
+    partly = kang.copy()
+    partly.obs["cell_type"] = partly.obs["cell_type"].astype(object)
+    partly.obs.iloc[:3, partly.obs.columns.get_loc("cell_type")] = None
+    with pytest.raises(ValueError, match="3 missing labels"):
+        XTrimoGene.setup_anndata(partly, labels_key="cell_type")
 
 
 def test_pretrained_model_gets_a_fresh_head_and_keeps_its_weights(kang, tiny_model, tmp_path):
@@ -156,7 +161,8 @@ def test_finetuned_model_save_load_round_trip(finetuned, kang, tmp_path):
     _, query = reference_query(kang)
     finetuned.save(tmp_path / "ft")
     loaded = XTrimoGene.load(tmp_path / "ft")
-    assert loaded.label_categories == finetuned.label_categories
+    classes = finetuned.label_categories
+    assert loaded.label_categories == classes
     assert loaded.classifier_ == finetuned.classifier_
     a = scxtrimo.tl.predict_proba(finetuned, query)
     b = scxtrimo.tl.predict_proba(loaded, query)
@@ -174,6 +180,11 @@ def test_finetuned_model_save_load_round_trip(finetuned, kang, tmp_path):
     partial = XTrimoGene.load(tmp_path / "ft", adata=few)
     assert partial.label_categories == finetuned.label_categories
     partial.train(max_epochs=1, finetune="head", train_size=1.0, **FAST)
+    # A query whose label column is incomplete loads fine (its labels are not registered).
+    _, query = reference_query(kang)
+    query.obs["cell_type"] = query.obs["cell_type"].astype(object)
+    query.obs.iloc[0, query.obs.columns.get_loc("cell_type")] = None
+    assert XTrimoGene.load(tmp_path / "ft", adata=query).label_categories == classes
     unknown = few.copy()
     unknown.obs["cell_type"] = pd.Categorical(["new type"] * unknown.n_obs)
     bad = XTrimoGene.load(tmp_path / "ft", adata=unknown)
@@ -324,3 +335,20 @@ def test_confusion_matrix_and_history_plots(finetuned, kang):
     labels = {line.get_label() for a in ax.figure.axes for line in a.get_lines()}
     assert {"train_accuracy", "validation_accuracy", "train_loss"} <= labels
     matplotlib.pyplot.close("all")
+
+
+def test_head_standardisation_is_an_exact_reparametrisation():
+    from scxtrimo.train._finetune import _feature_scaling, _from_standardised, _to_standardised
+
+    rng = np.random.default_rng(0)
+    z = (5.0 + 1e-3 * rng.normal(size=(50, 12))).astype(np.float32)  # tiny spread, large mean
+    head = torch.nn.Linear(12, 3).double()
+    original = {k: v.clone() for k, v in head.state_dict().items()}
+    mean, sd = _feature_scaling(z)
+    raw = head(torch.from_numpy(z).double())
+    _to_standardised(head, mean, sd)
+    standardised = head(torch.from_numpy((z - mean) / sd))
+    torch.testing.assert_close(standardised, raw)
+    _from_standardised(head, mean, sd)
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(v, original[k])

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from _keys import assert_only_changed, full_snapshot
 
 import scxtrimo
+from _keys import assert_only_changed, full_snapshot
 
 
 @pytest.fixture

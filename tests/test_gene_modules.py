@@ -4,9 +4,9 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from _keys import assert_only_changed, full_snapshot
 
 import scxtrimo
+from _keys import assert_only_changed, full_snapshot
 from scxtrimo.data import load_vocabulary
 
 matplotlib.use("Agg")

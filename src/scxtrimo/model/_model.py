@@ -89,7 +89,10 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
     ----------
     adata
         AnnData registered with :meth:`setup_anndata` (raw counts). May be ``None`` for a
-        model used only for inference (e.g. from :meth:`from_scfoundation`).
+        model used only for inference (e.g. from :meth:`from_scfoundation`). When it was
+        registered with ``labels_key``, the module gets a classification head with one output
+        per label category, trained by ``train(finetune=...)``; its classes are
+        :attr:`label_categories`.
     config
         Name of a configuration (``"tiny"``, ``"small"``, ``"base"``, ``"scfoundation"``), a
         mapping of fields, or an :class:`~scxtrimo.module.XTrimoGeneConfig`.
@@ -136,12 +139,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         self.default_target_depth_ = "fold:1"
         self.source_ = "scxtrimo"
         self.seed_ = seed
-        n_params = sum(p.numel() for p in self.module.parameters())
-        self._model_summary_string = (
-            f"XTrimoGene: encoder {cfg.encoder_dim}-d x {cfg.encoder_depth} layers, Performer "
-            f"decoder {cfg.decoder_dim}-d x {cfg.decoder_depth} layers, {n_params:,} parameters"
-            + (f", classification head ({len(categories)} classes)" if categories else "")
-        )
+        self._update_summary()
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------------------------
@@ -207,6 +205,13 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                     f"{what}={key!r} is not a column of adata.obs. Available columns: "
                     f"{list(adata.obs.columns) or 'none'}."
                 )
+        if labels_key is not None and adata.obs[labels_key].isna().any():
+            n_missing = int(adata.obs[labels_key].isna().sum())
+            raise ValueError(
+                f"obs[{labels_key!r}] has {n_missing} missing labels. Fine-tune on the labelled "
+                f"cells only (adata[adata.obs[{labels_key!r}].notna()].copy()) or give them a "
+                "category of their own."
+            )
         if input_type == "counts" and total_counts_key is not None:
             raise ValueError(
                 "total_counts_key is only used with input_type='log1p'; with raw counts the "
@@ -307,6 +312,15 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         _, categories = _registered_labels(self.registry_)
         self._set_classifier(categories, labels_key, seed=seed)
 
+    def _update_summary(self) -> None:
+        cfg, n_labels = self.config, self.module.n_labels
+        n_params = sum(p.numel() for p in self.module.parameters())
+        self._model_summary_string = (
+            f"XTrimoGene: encoder {cfg.encoder_dim}-d x {cfg.encoder_depth} layers, Performer "
+            f"decoder {cfg.decoder_dim}-d x {cfg.decoder_depth} layers, {n_params:,} parameters"
+            + (f", classification head ({n_labels} classes)" if n_labels else "")
+        )
+
     def _set_classifier(
         self,
         categories: Sequence,
@@ -320,6 +334,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         module = self.module
         if not categories:
             module.classifier, module.n_labels, self.classifier_ = None, 0, None
+            self._update_summary()
             return
         seed = self.seed_ if seed is None else seed
         device = next(module.parameters()).device
@@ -329,6 +344,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         module.classifier = head.to(device)
         module.n_labels = len(categories)
         self.classifier_ = {**_classifier_info(labels_key, categories), **(info or {})}
+        self._update_summary()
 
     # ------------------------------------------------------------------------------------
     # Input preparation
@@ -1088,8 +1104,9 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         classifier = metadata.get("classifier") or None
         if adata is not None:
             setup = {k: v for k, v in metadata["setup_args"].items() if v is not None}
-            if classifier and classifier.get("labels_key") in adata.obs.columns:
-                setup["labels_key"] = classifier["labels_key"]  # ready to fine-tune further
+            key = (classifier or {}).get("labels_key")
+            if key in adata.obs.columns and adata.obs[key].notna().all():
+                setup["labels_key"] = key  # labelled data: ready to fine-tune further
             cls.setup_anndata(adata, **setup)
             model = cls(adata, config=config, seed=metadata.get("seed"))
         else:

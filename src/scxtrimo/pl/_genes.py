@@ -88,7 +88,7 @@ def gene_module_heatmap(
         _, ax = plt.subplots(figsize=(size + 1.0, size), layout="constrained")
     image = ax.imshow(similarity, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-    for name, start, stop in bounds:
+    for _, start, stop in bounds:
         ax.add_patch(
             plt.Rectangle(
                 (start - 0.5, start - 0.5), stop - start, stop - start, fill=False, lw=1.2, ec="k"

@@ -87,14 +87,14 @@ def predict_proba(
         progress_bar=progress_bar,
     )
     head = model.module.classifier
-    weight = head.weight.detach().float().cpu()
-    bias = head.bias.detach().float().cpu()
+    weight = head.weight.detach().double().cpu()  # float64: heads fitted on standardised
+    bias = head.bias.detach().double().cpu()  # features can have large, cancelling weights
     out = np.full((z.shape[0], weight.shape[0]), np.nan, dtype=np.float32)
     valid = np.flatnonzero(np.isfinite(z).all(axis=1))
     for start in range(0, valid.size, 4096):
         rows = valid[start : start + 4096]
         with torch.inference_mode():
-            logits = torch.from_numpy(z[rows]) @ weight.T + bias
+            logits = torch.from_numpy(z[rows].astype(np.float64)) @ weight.T + bias
             out[rows] = torch.softmax(logits, dim=-1).numpy()
     return out
 

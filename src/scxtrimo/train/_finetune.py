@@ -262,6 +262,34 @@ class FinetuningTrainingPlan(XTrimoGeneTrainingPlan):
         return loss
 
 
+def _feature_scaling(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (1 where constant) of the training embeddings."""
+    z = np.asarray(z, dtype=np.float64)
+    mean, sd = z.mean(axis=0), z.std(axis=0)
+    return mean, np.where(sd > 0, sd, 1.0)
+
+
+@torch.no_grad()
+def _to_standardised(head: torch.nn.Linear, mean: np.ndarray, sd: np.ndarray) -> None:
+    """Rewrite ``head`` (acting on ``z``) to act on ``(z - mean) / sd`` with the same output."""
+    w, b = head.weight.double(), head.bias.double()
+    m = torch.as_tensor(mean, dtype=torch.float64, device=w.device)
+    s = torch.as_tensor(sd, dtype=torch.float64, device=w.device)
+    head.bias.copy_(b + w @ m)
+    head.weight.copy_(w * s)
+
+
+@torch.no_grad()
+def _from_standardised(head: torch.nn.Linear, mean: np.ndarray, sd: np.ndarray) -> None:
+    """Inverse of :func:`_to_standardised`."""
+    w, b = head.weight.double(), head.bias.double()
+    m = torch.as_tensor(mean, dtype=torch.float64, device=w.device)
+    s = torch.as_tensor(sd, dtype=torch.float64, device=w.device)
+    w_raw = w / s
+    head.weight.copy_(w_raw)
+    head.bias.copy_(b - w_raw @ m)
+
+
 def registered_label_codes(model: Any, categories: Sequence[Any]) -> np.ndarray:
     """Class index (into ``categories``) of every cell of the model's registered AnnData.
 
@@ -317,7 +345,8 @@ def run_finetuning(
     Called by :meth:`~scxtrimo.model.XTrimoGene.train` with ``finetune=...``; see there.
     With ``mode="head"`` the frozen encoder's cell embeddings are computed once (the encoder
     runs without dropout, so they would be identical every epoch) and the head is trained on
-    them: epochs then cost almost nothing.
+    them, standardised per feature (the head is folded back to act on the raw embedding):
+    epochs then cost almost nothing and the scale of the features does not matter.
     """
     from scxtrimo._settings import settings
 
@@ -349,7 +378,12 @@ def run_finetuning(
             autocast=None,
             progress_bar=trainer_kwargs.get("enable_progress_bar", settings.progress_bar),
         )
-        dataset = EmbeddingDataset(z, labels)
+        # Train in standardised coordinates (like StandardScaler + logistic regression), so
+        # that the optimiser does not depend on the scale of each embedding feature; the head
+        # is folded back to act on the raw embedding afterwards (an exact reparametrisation).
+        scaling = _feature_scaling(z[cells])
+        dataset = EmbeddingDataset((z - scaling[0]) / scaling[1], labels)
+        _to_standardised(module.classifier, *scaling)
     else:
         dataset = FinetuningDataset(
             prep.matrix,
@@ -414,6 +448,8 @@ def run_finetuning(
         model.is_trained_ = was_trained
         raise
     finally:
+        if mode == "head":
+            _from_standardised(module.classifier, *scaling)
         for name, param in module.named_parameters():
             param.requires_grad_(saved_flags[name])
         module.eval()
