@@ -48,6 +48,7 @@ from _evaluation import (
 )
 from scxtrimo.model import XTrimoGene
 
+MODES = ("head", "last_layers", "full")
 KANG_TRAIN_DONORS = ["donor1015", "donor1256", "donor1488", "donor1244"]
 
 
@@ -219,7 +220,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--datasets", nargs="+", default=["kang", "pbmc4k"])
-    parser.add_argument("--modes", nargs="+", default=["head", "last_layers", "full"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--control-modes", nargs="*", default=[])
     parser.add_argument("--n-train", type=int, default=800)
     parser.add_argument("--n-test", type=int, default=1000)
@@ -244,15 +245,18 @@ def main() -> None:
         start = time.perf_counter()
         adata, train, test, split = splits[name](args.n_train, args.n_test, args.seed)
         res = evaluate(name, adata, train, test, split, args.model, args, model_info)
-        command = (
-            "python benchmarks/evaluate_annotation.py"
-            + (f" --model {args.model}" if args.model else "")
-            + f" --datasets {name} --n-train {args.n_train} --n-test {args.n_test}"
-            + f" --control-modes {' '.join(args.control_modes)}"
-            f" --epochs {args.epochs} --head-epochs {args.head_epochs} --lr {args.lr}"
-            f" --full-lr {args.full_lr} --head-lr {args.head_lr} --max-genes {args.max_genes}"
-            f" --seed {args.seed}" + ("" if args.lp_ft else " --no-lp-ft")
-        )
+        parts = [
+            "python benchmarks/evaluate_annotation.py",
+            f"--model {args.model}" if args.model else "",
+            f"--datasets {name} --n-train {args.n_train} --n-test {args.n_test}",
+            f"--modes {' '.join(args.modes)}" if args.modes != list(MODES) else "",
+            f"--control-modes {' '.join(args.control_modes)}" if args.control_modes else "",
+            f"--epochs {args.epochs} --head-epochs {args.head_epochs} --lr {args.lr}",
+            f"--full-lr {args.full_lr} --head-lr {args.head_lr} --max-genes {args.max_genes}",
+            f"--seed {args.seed}",
+            "" if args.lp_ft else "--no-lp-ft",
+        ]
+        command = " ".join(part for part in parts if part)
         total = time.perf_counter() - start
         result = {
             "command": command,
