@@ -6,15 +6,18 @@ Build (from the repository root, after ``pip install -e ".[doc]"``)::
 
 Environment variables:
 
-``SCXTRIMO_DOCS_INTERSPHINX=1``
+``SCXTRIMO_DOCS_INTERSPHINX=1|0``
     Link types and functions to the documentation of Python, NumPy, AnnData, scanpy, PyTorch,
     scvi-tools... (needs the internet; on by default on Read the Docs, off elsewhere so that an
-    offline build neither waits nor warns).
+    offline build neither waits nor warns; ``0`` turns it off on Read the Docs too).
 ``SCXTRIMO_DOCS_EXECUTE=off|cache|force``
     How the tutorials are executed (default ``cache``: run once, then re-run only notebooks
-    whose code changed; ``off`` renders them without outputs, for quick edits of the prose).
-``SCXTRIMO_DOCS_STRICT=1``
-    Also check the references listed in ``_PENDING_SRC_FIXES`` below.
+    whose code changed; ``force`` runs every tutorial, as CI does; ``off`` renders them without
+    outputs, for quick edits of the prose).
+
+Every cross-reference must resolve (``nitpicky``): there is no list of ignored scxtrimo
+references. Only references to third-party objects are rendered as plain text when
+intersphinx is off (``nitpick_ignore_regex`` below).
 """
 
 from __future__ import annotations
@@ -160,6 +163,10 @@ myst_heading_anchors = 3
 myst_substitutions = {"version": release}
 
 nb_execution_mode = os.environ.get("SCXTRIMO_DOCS_EXECUTE", "cache")
+# The tutorials' kernels inherit this environment, and ipykernel only selects its inline
+# backend when MPLBACKEND is unset: with MPLBACKEND=Agg (as CI sets for the tests) every figure
+# would silently be missing from the pages.
+os.environ.pop("MPLBACKEND", None)
 nb_execution_timeout = 1200  # per cell; CPU-only CI on two shared cores
 nb_execution_raise_on_error = True  # a failing tutorial fails the build
 nb_execution_show_tb = True
@@ -172,9 +179,9 @@ bibtex_reference_style = "author_year"
 bibtex_default_style = "plain"
 
 # -- intersphinx: opt-in, it needs the internet -------------------------------------------------
-_INTERSPHINX = os.environ.get("SCXTRIMO_DOCS_INTERSPHINX", "").lower() in {"1", "true", "yes"} or (
-    os.environ.get("READTHEDOCS") == "True"
-)
+_INTERSPHINX = os.environ.get(
+    "SCXTRIMO_DOCS_INTERSPHINX", "1" if os.environ.get("READTHEDOCS") == "True" else "0"
+).lower() in {"1", "true", "yes"}
 intersphinx_mapping = (
     {
         "python": ("https://docs.python.org/3", None),
@@ -209,17 +216,6 @@ nitpick_ignore_regex = [
     # Module-level type aliases rendered by sphinx-autodoc-typehints as their bare names.
     (r"py:(class|obj|data)", r"(Literal|Any|Sequence|Mapping|Iterator|PathLike|Path)(\[.*\])?"),
 ]
-
-# Broken references in scxtrimo docstrings that are reported for fixing in src/ (docs engineers
-# do not edit src/). Each entry is temporary: delete it once the docstring is fixed. Build with
-# SCXTRIMO_DOCS_STRICT=1 to see which ones are still needed.
-_PENDING_SRC_FIXES = [
-    ("py:data", "MIN_TOTAL_COUNTS"),  # data/_validation.py invalid_cells: not a documented object
-    # data/_loading.py iter_inference_batches: use scxtrimo.data.scan_cells
-    ("py:func", "scxtrimo.data._validation.scan_cells"),
-    ("py:func", "row_seeds"),  # data/_tokens.py pretraining_batch: row_seeds is not public
-]
-nitpick_ignore = [] if os.environ.get("SCXTRIMO_DOCS_STRICT") else list(_PENDING_SRC_FIXES)
 
 # -- HTML -------------------------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
@@ -294,6 +290,38 @@ class _InventoryUnreachable(logging.Filter):
 _NAMESPACES = ("data", "datasets", "model", "module", "pl", "tl", "train")
 
 
+def _resolve_private_path(app, env, node, contnode):
+    """Resolve ``scxtrimo.<namespace>._<module>.<name>`` to the public ``scxtrimo.<namespace>.<name>``.
+
+    A docstring may name a public object by the private module that defines it. Sphinx already
+    accepts that for classes (autodoc records their defining module as a ``:canonical:`` name)
+    but not for functions. Only objects that the namespace exports (``__all__``) are resolved:
+    a reference to an object that is not public still fails the build.
+    """
+    import importlib
+
+    if node.get("refdomain") != "py":
+        return None
+    parts = node.get("reftarget", "").split(".")
+    if len(parts) < 4 or parts[0] != "scxtrimo" or not parts[2].startswith("_"):
+        return None
+    namespace = f"scxtrimo.{parts[1]}"
+    try:
+        public = importlib.import_module(namespace)
+        private = importlib.import_module(f"{namespace}.{parts[2]}")
+    except ImportError:
+        return None
+    name = parts[3]
+    if name not in getattr(public, "__all__", ()) or getattr(private, name, None) is not getattr(
+        public, name
+    ):
+        return None
+    target = ".".join([namespace, name, *parts[4:]])
+    return env.get_domain("py").resolve_xref(
+        env, node["refdoc"], app.builder, node["reftype"], target, node, contnode
+    )
+
+
 def _check_api_is_complete(app) -> None:
     """Warn (an error under ``-W``) when a public object is missing from ``api.md``."""
     import importlib
@@ -335,4 +363,5 @@ def _drop_missing_optional_pages(app, docname: str, source: list[str]) -> None:
 def setup(app) -> None:
     logging.getLogger("sphinx.sphinx.ext.intersphinx._load").addFilter(_InventoryUnreachable())
     app.connect("builder-inited", _check_api_is_complete)
+    app.connect("missing-reference", _resolve_private_path)
     app.connect("source-read", _drop_missing_optional_pages)

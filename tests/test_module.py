@@ -375,6 +375,65 @@ def test_decoder_outputs_and_batch_independence():
     )
 
 
+def _top_constant_rows(module: XTrimoGeneModule, n: int) -> torch.Tensor:
+    """Genes whose shared ("value 0") decoder rows have the largest key projections."""
+    layer = module.decoder.layers[0]
+    table = module.gene_embedding.weight
+    constant = module.decoder_embed(module.value_embedding(torch.zeros(1)) + table)
+    key = layer.attention.k_proj(layer.attention_norm(constant[:N_GENES]))
+    key = key.unflatten(-1, (layer.attention.heads, layer.attention.dim_head))
+    projection = layer.attention.projection_matrix
+    dash = torch.einsum("nhd,md->nhm", key * key.shape[-1] ** -0.25, projection)
+    return dash.amax(dim=(1, 2)).argsort(descending=True)[:n]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_masked_expression_matches_full_decoder(training):
+    module = make_module().train(training)
+    batch = make_batch([5, 40, 12, 7], [4, 9, 0, 30], seed=3)
+    # Cell 0 shows the encoder the shared rows with the largest keys, so its stabiliser must
+    # come from the next shared row it keeps (the hard case of the replaced-row algebra).
+    top = _top_constant_rows(module, 5).detach()
+    batch["gene_index"][0, 2:7] = top
+    batch["masked_index"][0, :4] = torch.arange(4) + 1000
+    args = (batch["gene_index"], batch["padding_mask"])
+    h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+    fast = module.masked_expression(h, *args, **decoder_kwargs(batch))
+    positions = batch["masked_index"].masked_fill(batch["masked_pad"], 0)
+    full = module.expression(h, *args, **decoder_kwargs(batch), genes=positions)
+    used = ~batch["masked_pad"]
+    torch.testing.assert_close(fast[used], full[used], atol=1e-5, rtol=1e-5)
+    params = [p for p in module.parameters() if p.requires_grad]
+    grad_fast = torch.autograd.grad(
+        fast[used].square().sum(), params, allow_unused=True, retain_graph=True
+    )
+    grad_full = torch.autograd.grad(full[used].square().sum(), params, allow_unused=True)
+    for name, a, b in zip([n for n, _ in module.named_parameters()], grad_fast, grad_full):
+        if b is None:
+            assert a is None or not a.any(), name
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    # generative() takes this path for single-layer decoders with the per-cell stabiliser.
+    out = module.generative(h, *args, **decoder_kwargs(batch))["prediction"]
+    torch.testing.assert_close(out[used], fast[used])
+
+
+def test_replaced_rows_need_a_single_layer_decoder():
+    module = make_module(decoder_depth=2)
+    batch = make_batch([5, 8], [3, 2])
+    with torch.no_grad():
+        h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+        with pytest.raises(ValueError, match="single-layer decoder"):
+            module.masked_expression(
+                h, batch["gene_index"], batch["padding_mask"], **decoder_kwargs(batch)
+            )
+        # generative() falls back to decoding every position.
+        out = module.generative(
+            h, batch["gene_index"], batch["padding_mask"], **decoder_kwargs(batch)
+        )
+    assert out["prediction"].shape == (2, 3)
+
+
 # -- scvi-tools hooks and training ----------------------------------------------------------------
 def test_forward_returns_loss_output():
     module = make_module()

@@ -91,7 +91,7 @@ def iter_inference_batches(
     col_to_vocab
         Column-to-vocabulary map.
     n_tokens
-        Gene tokens per row of ``matrix`` (from :func:`~scxtrimo.data._validation.scan_cells`).
+        Gene tokens per row of ``matrix`` (from :func:`~scxtrimo.data.scan_cells`).
     spec
         How values become tokens.
     index

@@ -343,7 +343,10 @@ def pretraining_batch(
     spec
         Masking and down-sampling settings.
     seeds
-        One seed per row (see :func:`row_seeds`).
+        One ``int64`` seed per row. The random draws of a row (down-sampling, masking) depend
+        only on its seed, never on the other rows of the batch;
+        :class:`~scxtrimo.train.PretrainingDataset` derives the seeds from its seed, the epoch
+        and the cell's index.
     max_genes
         Cap on visible gene tokens per cell.
 

@@ -152,9 +152,20 @@ def scan_cells(
 def invalid_cells(stats: CellStats, input_type: str = "counts") -> np.ndarray:
     """Indices of cells the model cannot embed.
 
-    A cell needs at least one gene token, and with raw counts at least
-    :data:`MIN_TOTAL_COUNTS` in-vocabulary counts, so that ``S = log10(total)`` is positive
-    (with total 1, ``S = 0`` and the official code silently drops the S token).
+    A cell needs at least one gene token, and with raw counts at least 2 in-vocabulary counts,
+    so that ``S = log10(total)`` is positive (with total 1, ``S = 0`` and the official code
+    silently drops the S token). With other input types its total must be positive.
+
+    Parameters
+    ----------
+    stats
+        Per-cell summaries from :func:`scan_cells`.
+    input_type
+        ``"counts"``, ``"log1p"`` or ``"bulk"``, as given to :func:`scan_cells`.
+
+    Returns
+    -------
+    Row indices of the cells that cannot be embedded, in increasing order.
     """
     if input_type == "counts":
         bad = (stats.totals < MIN_TOTAL_COUNTS) | (stats.n_tokens < 1)

@@ -1,5 +1,5 @@
 """User-facing models (scvi-tools API)."""
 
-from ._model import XTrimoGene
+from ._model import PreparedInput, XTrimoGene
 
-__all__ = ["XTrimoGene"]
+__all__ = ["PreparedInput", "XTrimoGene"]

@@ -62,7 +62,34 @@ _SETUP_DEFAULTS = {
 
 @dataclass
 class PreparedInput:
-    """A validated AnnData, ready to be streamed through the model."""
+    """A validated AnnData, ready to be streamed through the model.
+
+    Returned by :meth:`~scxtrimo.model.XTrimoGene.prepare_input`, which runs every input check
+    once, before any model work; the tools (:func:`~scxtrimo.tl.embed`,
+    :func:`~scxtrimo.tl.annotate`...) then stream the cells through the network. Inspect it to
+    see what a call would use (which cells, which genes, at which target depth) without running
+    the model.
+
+    Attributes
+    ----------
+    matrix
+        The cells x genes matrix read (``X`` or the layer), in memory or backed; not a copy.
+    mapping
+        How the AnnData's genes map onto the model vocabulary, from
+        :func:`~scxtrimo.data.map_genes`.
+    stats
+        Per-cell totals and token counts, from :func:`~scxtrimo.data.scan_cells` (for
+        log-normalised input with ``total_counts_key``, the totals are the given ones).
+    spec
+        How values become tokens: input type, target depth ``T``, ``max_genes``, scale.
+    cells
+        Rows of the AnnData to stream, in the requested order, without the skipped ones.
+    skipped
+        Rows left out because the model cannot embed them (see
+        :func:`~scxtrimo.data.invalid_cells`); empty unless ``invalid="skip"``.
+    total_counts
+        Per-cell total counts from ``obs[total_counts_key]``, or ``None``.
+    """
 
     matrix: Any
     mapping: GeneMapping
@@ -382,6 +409,16 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         **setup_overrides
             ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
             ``total_counts_key``; default to the values the model was set up with.
+
+        Returns
+        -------
+        The checked input; see :class:`PreparedInput`.
+
+        Raises
+        ------
+        ValueError
+            If the input fails a check (bad values, too few vocabulary genes, cells that cannot
+            be embedded with ``invalid="raise"``); the message says how to fix it.
         """
         unknown = set(setup_overrides) - set(_SETUP_DEFAULTS)
         if unknown:

@@ -159,7 +159,7 @@ class XTrimoGeneModule(BaseModuleClass):
         return torch.cat([h[:, 1], h[:, 0], gene_max, gene_mean], dim=-1)
 
     # -- decoder ----------------------------------------------------------------------------------
-    def _decoder_input(
+    def _decoder_rows(
         self,
         h: torch.Tensor,
         gene_index: torch.Tensor,
@@ -168,21 +168,25 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_value: torch.Tensor | None,
         masked_token: torch.Tensor | None,
         masked_pad: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Decoder input ``[B, n_genes + 2, decoder_dim]`` (after ``decoder_embed``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder input as shared rows plus each cell's own rows (after ``decoder_embed``).
+
+        Returns ``constant`` ``[n_genes + 3, d_dec]`` (the input of a position that holds the
+        value 0, the same in every cell; the last row is a dump row for unused slots), ``rows``
+        ``[B, L + M, d_dec]`` (visible positions, then masked positions), their positions
+        ``[B, L + M]`` (unused slots point at the dump row ``n_genes + 2``) and validity.
+        """
         cfg = self.config
-        batch_size = h.shape[0]
         dump_row = cfg.padding_index  # == n_genes + 2: scatter target for unused slots
         gene_table = self.gene_embedding.weight
-        # Positions neither visible nor masked hold the value 0; their decoder input is the same
-        # for every cell, so compute it once per forward ([n_genes + 3, d_dec], incl. dump row).
         zero_value = torch.zeros(1, device=h.device, dtype=gene_table.dtype)
-        constant_input = self.decoder_embed(self.value_embedding(zero_value) + gene_table)
+        constant = self.decoder_embed(self.value_embedding(zero_value) + gene_table)
 
         padding_mask = padding_mask.to(torch.bool)
         visible_index = gene_index.masked_fill(padding_mask, dump_row)
         # Encoder outputs receive the gene embedding a second time (as in scFoundation).
         indices = [visible_index]
+        valid = [~padding_mask]
         rows = [self.decoder_embed(h + self.gene_embedding(visible_index))]
         if masked_index is not None:
             unused = (
@@ -197,14 +201,67 @@ class XTrimoGeneModule(BaseModuleClass):
                 masked_token = masked_token.to(torch.bool)
             masked_rows = self.value_embedding(masked_value, mask_token=masked_token)
             indices.append(masked_index)
+            valid.append(~unused)
             rows.append(self.decoder_embed(masked_rows + self.gene_embedding(masked_index)))
-        index = torch.cat(indices, dim=1)
-        source = torch.cat(rows, dim=1)
-        decoder_input = constant_input.unsqueeze(0).expand(batch_size, -1, -1)
+        return constant, torch.cat(rows, dim=1), torch.cat(indices, dim=1), torch.cat(valid, dim=1)
+
+    def _decoder_input(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor | None,
+        masked_value: torch.Tensor | None,
+        masked_token: torch.Tensor | None,
+        masked_pad: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decoder input ``[B, n_genes + 2, decoder_dim]`` (after ``decoder_embed``)."""
+        constant, source, index, _ = self._decoder_rows(
+            h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+        )
+        decoder_input = constant.unsqueeze(0).expand(h.shape[0], -1, -1)
         decoder_input = decoder_input.scatter(
             1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]), source
         )
-        return decoder_input[:, : cfg.seq_len]
+        return decoder_input[:, : self.config.seq_len]
+
+    def masked_expression(
+        self,
+        h: torch.Tensor,
+        gene_index: torch.Tensor,
+        padding_mask: torch.Tensor,
+        masked_index: torch.Tensor,
+        masked_value: torch.Tensor | None = None,
+        masked_token: torch.Tensor | None = None,
+        masked_pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predicted expression at the masked positions only, without decoding every gene.
+
+        Equal (up to float rounding) to ``expression(..., genes=masked_index)`` with the
+        per-cell key stabiliser, for single-layer decoders: every position a cell neither shows
+        the encoder nor masks holds the same input in every cell, so the decoder's attention
+        sums over those positions are computed once per batch
+        (:meth:`~scxtrimo.module.PerformerDecoder.forward_replaced_rows`). A pretraining step
+        then costs ``O(n_genes + B (L + M))`` in the decoder instead of ``O(B n_genes)``.
+
+        Parameters
+        ----------
+        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+            As in :meth:`decode`.
+
+        Returns
+        -------
+        Predictions ``[B, M]`` (meaningless in unused slots).
+        """
+        constant, rows, index, valid = self._decoder_rows(
+            h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+        )
+        n_visible = gene_index.shape[1]
+        query_slots = torch.arange(n_visible, rows.shape[1], device=rows.device)
+        decoded = self.decoder.forward_replaced_rows(
+            constant[: self.config.seq_len], rows, index, valid, query_slots
+        )
+        return self.expression_head(self.head_norm(decoded)).squeeze(-1)
 
     def decode(
         self,
@@ -400,8 +457,11 @@ class XTrimoGeneModule(BaseModuleClass):
     ) -> dict[str, torch.Tensor | None]:
         """Predict the values at the masked positions.
 
-        The decoder runs over all positions but the expression head only at the ``M`` masked
-        ones. Without ``masked_index`` (e.g. classification fine-tuning) the decoder is skipped.
+        The prediction at a masked position depends on every position of the cell, but only the
+        ``M`` masked ones are computed: single-layer decoders with the per-cell stabiliser use
+        :meth:`masked_expression` (shared positions summed once per batch), deeper decoders run
+        over every position. Without ``masked_index`` (e.g. classification fine-tuning) the
+        decoder is skipped.
 
         Parameters
         ----------
@@ -420,6 +480,11 @@ class XTrimoGeneModule(BaseModuleClass):
             if masked_pad is not None
             else torch.zeros_like(masked_index, dtype=torch.bool)
         )
+        if key_stabilizer == "cell" and self.config.decoder_depth == 1:
+            prediction = self.masked_expression(
+                h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+            )
+            return {"prediction": prediction}
         positions = masked_index.masked_fill(unused, 0)
         prediction = self.expression(
             h,

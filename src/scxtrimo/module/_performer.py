@@ -16,6 +16,7 @@ __all__ = [
     "favor_softmax_features",
     "gaussian_orthogonal_random_matrix",
     "linear_attention",
+    "replaced_row_attention",
 ]
 
 KeyStabilizer = Literal["cell", "batch"]
@@ -151,6 +152,118 @@ def linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     normalizer = 1.0 / torch.einsum("...nm,...m->...n", query, key_sum.type_as(query))
     context = torch.einsum("...nm,...ne->...me", key, value)
     return torch.einsum("...me,...nm,...n->...ne", context, query, normalizer)
+
+
+def replaced_row_attention(
+    attention: PerformerSelfAttention,
+    constant: torch.Tensor,
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    row_valid: torch.Tensor,
+    query_slots: torch.Tensor,
+) -> torch.Tensor:
+    """FAVOR+ self-attention of sequences that equal one shared sequence except at a few rows.
+
+    Cell ``b``'s sequence is ``constant`` (``[N, D]``, the same for every cell) with row
+    ``row_index[b, r]`` replaced by ``rows[b, r]`` wherever ``row_valid[b, r]``. The result
+    equals ``attention(x)[b, row_index[b, query_slots]]`` of the full ``[B, N, D]`` sequence
+    with the per-cell key stabiliser, but costs ``O(N + B R)`` instead of ``O(B N)``: the
+    random-feature sums of the constant rows are computed once per call and each cell only
+    swaps its own rows in and out. The key stabiliser (the cell's maximum key projection) is
+    reproduced exactly, including over the constant rows a cell keeps, so the ``eps`` term of
+    the features gives the same result as the dense computation (up to float rounding).
+
+    Parameters
+    ----------
+    attention
+        The attention module (its projections and random features are used).
+    constant
+        Shared (already normalised) input rows ``[N, D]``.
+    rows
+        Replacement (already normalised) rows ``[B, R, D]``.
+    row_index
+        Position of each replacement row ``[B, R]``; unique among a cell's valid rows.
+    row_valid
+        ``[B, R]``; ``False`` slots are ignored (their ``row_index`` may be anything).
+    query_slots
+        Slots of ``rows`` whose attention output is returned ``[Q]``.
+
+    Returns
+    -------
+    Attention output at the queried rows ``[B, Q, D]``.
+    """
+    heads, dim_head = attention.heads, attention.dim_head
+    n_positions = constant.shape[0]
+    batch_size = rows.shape[0]
+    projection = attention.projection_matrix.to(dtype=constant.dtype)
+    nb_features = projection.shape[0]
+    normalizer = dim_head**-0.25
+    ratio = nb_features**-0.5
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # [..., L, H*dh] -> [..., H, L, dh]
+        return x.unflatten(-1, (heads, dim_head)).transpose(-3, -2)
+
+    def dash_diag(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dash = torch.einsum("...nd,md->...nm", normalizer * k, projection)
+        diag = (k**2).sum(dim=-1, keepdim=True) / 2.0 * normalizer**2
+        return dash, diag
+
+    # Shared rows: keys and values once for all cells.
+    key_c = split(attention.k_proj(constant))  # [H, N, dh]
+    value_c = split(attention.v_proj(constant))  # [H, N, dh]
+    dash_c, diag_c = dash_diag(key_c)  # [H, N, m], [H, N, 1]
+    shift_c = dash_c.amax().detach()
+    exp_c = torch.exp(dash_c - diag_c - shift_c)  # <= 1
+    kv_c = torch.einsum("hnm,hne->hme", exp_c, value_c)
+    ksum_c = exp_c.sum(dim=1)  # [H, m]
+    vsum_c = value_c.sum(dim=1)  # [H, dh]
+
+    # Each cell's replacement rows.
+    index = row_index.masked_fill(~row_valid, 0)
+    valid = row_valid.to(constant.dtype)[:, None, :, None]  # [B, 1, R, 1]
+    key_r = split(attention.k_proj(rows))  # [B, H, R, dh]
+    value_r = split(attention.v_proj(rows))
+    dash_r, diag_r = dash_diag(key_r)
+
+    # Per-cell stabiliser: max over the cell's own rows and the shared rows it keeps.
+    with torch.no_grad():
+        row_max_r = dash_r.amax(dim=(1, 3)).masked_fill(~row_valid, float("-inf"))  # [B, R]
+        row_max_c = dash_c.amax(dim=(0, 2))  # [N]
+        order = torch.argsort(row_max_c, descending=True)
+        # Unused slots scatter into an extra, discarded column.
+        replaced = torch.zeros(batch_size, n_positions + 1, dtype=torch.bool, device=rows.device)
+        replaced.scatter_(1, row_index.masked_fill(~row_valid, n_positions), True)
+        replaced = replaced[:, :n_positions]
+        first_kept = (~replaced[:, order]).to(torch.int8).argmax(dim=1)
+        kept_max = row_max_c[order[first_kept]]
+        kept_max = kept_max.masked_fill(replaced.all(dim=1), float("-inf"))
+        stabilizer = torch.maximum(row_max_r.amax(dim=1), kept_max)  # [B]
+    n_kept = n_positions - row_valid.sum(dim=1).to(constant.dtype)  # [B]
+
+    # Shared-row sums minus the rows each cell replaces (features of the shared rows).
+    exp_removed = exp_c[:, index].permute(1, 0, 2, 3) * valid  # [B, H, R, m]
+    value_removed = value_c[:, index].permute(1, 0, 2, 3) * valid  # [B, H, R, dh]
+    scale = torch.exp(shift_c - stabilizer)[:, None, None]  # [B, 1, 1]
+    kv_kept = kv_c - torch.einsum("bhrm,bhre->bhme", exp_removed, value_removed)
+    ksum_kept = ksum_c - exp_removed.sum(dim=2)
+    vsum_kept = vsum_c - value_removed.sum(dim=2)
+    kv = ratio * (scale[..., None] * kv_kept + FAVOR_EPS * vsum_kept[:, :, None, :])
+    ksum = ratio * (scale * ksum_kept + FAVOR_EPS * n_kept[:, None, None])
+
+    # The cell's own rows as keys.
+    feat_r = ratio * (torch.exp(dash_r - diag_r - stabilizer[:, None, None, None]) + FAVOR_EPS)
+    feat_r = feat_r * valid
+    kv = kv + torch.einsum("bhrm,bhre->bhme", feat_r, value_r)
+    ksum = ksum + feat_r.sum(dim=2)
+
+    # Queries only where outputs are wanted.
+    query = split(attention.q_proj(rows[:, query_slots]))
+    query = favor_softmax_features(query, projection, is_query=True)  # [B, H, Q, m]
+    numerator = torch.einsum("bhqm,bhme->bhqe", query, kv)
+    denominator = torch.einsum("bhqm,bhm->bhq", query, ksum)
+    out = numerator / denominator.unsqueeze(-1)
+    out = out.transpose(1, 2).reshape(batch_size, -1, heads * dim_head)
+    return attention.out_proj(out)
 
 
 class PerformerSelfAttention(nn.Module):
@@ -327,6 +440,72 @@ class PerformerDecoder(nn.Module):
             buffer.copy_(new)
         self.calls_since_last_redraw.zero_()
 
+    def _count_training_call(self) -> None:
+        if self.training:
+            if (
+                self.feature_redraw_interval is not None
+                and int(self.calls_since_last_redraw) >= self.feature_redraw_interval
+            ):
+                self.redraw_projections()
+            self.calls_since_last_redraw += 1
+
+    def forward_replaced_rows(
+        self,
+        constant: torch.Tensor,
+        rows: torch.Tensor,
+        row_index: torch.Tensor,
+        row_valid: torch.Tensor,
+        query_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode sequences that differ from a shared sequence at a few rows (one layer only).
+
+        Equals ``forward(x, key_stabilizer="cell")[b, row_index[b, query_slots]]`` where ``x``
+        is ``constant`` with cell ``b``'s rows replaced (see :func:`replaced_row_attention`),
+        at a cost that grows with the replaced rows instead of the sequence length. This is the
+        pretraining path of single-layer decoders, where only masked positions are scored and
+        every other position holds the same "value 0" input in every cell.
+
+        Parameters
+        ----------
+        constant
+            Shared input rows ``[N, dim]``.
+        rows
+            Replacement rows ``[B, R, dim]``.
+        row_index
+            Positions of the replacement rows ``[B, R]`` (unique among a cell's valid rows).
+        row_valid
+            ``[B, R]``, ``False`` = unused slot.
+        query_slots
+            Slots of ``rows`` to return ``[Q]``.
+
+        Returns
+        -------
+        Decoded rows ``[B, Q, dim]`` after the final LayerNorm.
+
+        Raises
+        ------
+        ValueError
+            If the decoder has more than one layer (its middle layers need every position).
+        """
+        if len(self.layers) != 1:
+            raise ValueError(
+                "forward_replaced_rows needs a single-layer decoder; this one has "
+                f"{len(self.layers)} layers (use forward)."
+            )
+        self._count_training_call()
+        layer = self.layers[0]
+        attended = replaced_row_attention(
+            layer.attention,
+            layer.attention_norm(constant),
+            layer.attention_norm(rows),
+            row_index,
+            row_valid,
+            query_slots,
+        )
+        x = rows[:, query_slots] + attended
+        x = x + layer.ff_out(F.gelu(layer.ff_in(layer.ff_norm(x))))
+        return self.final_norm(x)
+
     def forward(self, x: torch.Tensor, key_stabilizer: KeyStabilizer = "cell") -> torch.Tensor:
         """Decode.
 
@@ -345,13 +524,7 @@ class PerformerDecoder(nn.Module):
             raise ValueError(
                 f"`key_stabilizer` must be one of {_KEY_STABILIZERS}, got {key_stabilizer!r}."
             )
-        if self.training:
-            if (
-                self.feature_redraw_interval is not None
-                and int(self.calls_since_last_redraw) >= self.feature_redraw_interval
-            ):
-                self.redraw_projections()
-            self.calls_since_last_redraw += 1
+        self._count_training_call()
         for layer in self.layers:
             x = layer(x, key_stabilizer=key_stabilizer)
         return self.final_norm(x)
