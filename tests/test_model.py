@@ -84,6 +84,17 @@ def test_save_load_round_trip(train_data, tmp_path):
         loaded.get_latent_representation(train_data), model.get_latent_representation()
     )
     assert "train_loss" in loaded.history
+    # Inference uses the pretraining cap by default, also after loading.
+    assert model.default_max_genes == loaded.default_max_genes == 256
+    np.testing.assert_array_equal(
+        model.get_latent_representation(max_genes=256), model.get_latent_representation()
+    )
+    deep = train_data.X.getnnz(axis=1) > 300
+    assert deep.any()
+    uncapped = model.get_latent_representation(max_genes="all")
+    assert not np.allclose(uncapped[deep], model.get_latent_representation()[deep])
+    with pytest.raises(ValueError, match="positive integer, None or 'all'"):
+        model.get_latent_representation(max_genes=0)
     with pytest.raises(FileExistsError):
         model.save(tmp_path / "m")
     attached = XTrimoGene.load(tmp_path / "m", adata=train_data.copy())
@@ -149,3 +160,40 @@ def test_gene_embeddings_dataframe(tiny_model):
     genes = tiny_model.get_gene_embeddings()
     assert genes.shape == (19264, tiny_model.config.encoder_dim)
     assert genes.index[0] == "A1BG"
+
+
+def test_gene_bias_starts_at_expected_masked_values(pbmc):
+    from scxtrimo.data import MaskingSpec, map_genes
+    from scxtrimo.train import expected_masked_values
+
+    data = pbmc[:40].copy()
+    XTrimoGene.setup_anndata(data)
+    mapping = map_genes(data.var)
+    cells = np.arange(0, 40, 2)
+    spec = MaskingSpec()
+    start = expected_masked_values(data.X, mapping.col_to_vocab, cells, 19264, spec)
+    # Plain reference: dense per-gene statistics over the chosen cells.
+    dense = np.asarray(data.X[cells].todense(), dtype=np.float64)
+    cols = np.flatnonzero(mapping.col_to_vocab >= 0)
+    totals = dense[:, cols].sum(axis=1, keepdims=True)
+    norm = np.log1p(dense[:, cols] / totals * 1e4)
+    n_detected = (dense[:, cols] > 0).sum(axis=0)
+    weight = spec.nonzero_prob * n_detected + spec.zero_prob * (len(cells) - n_detected)
+    expected = spec.nonzero_prob * norm.sum(axis=0) / weight
+    np.testing.assert_allclose(start[mapping.col_to_vocab[cols]], expected, rtol=1e-5)
+    assert start.shape == (19266,)
+    assert start[-2:].tolist() == [0.0, 0.0]
+
+    # A fresh model starts from its training cells' values (lr=0: nothing moves after that).
+    model = XTrimoGene(data, config="tiny", seed=0)
+    model.train(max_epochs=1, lr=0.0, **TRAIN)
+    train_start = expected_masked_values(
+        data.X, mapping.col_to_vocab, np.asarray(model.train_indices), 19264, spec
+    )
+    np.testing.assert_allclose(model.module.expression_bias.detach().numpy(), train_start)
+    # Training moves it; continued pretraining keeps the learned bias as its start.
+    model.train(max_epochs=1, **TRAIN)
+    learned = model.module.expression_bias.detach().clone()
+    assert not np.allclose(learned.numpy(), train_start)
+    model.train(max_epochs=1, lr=0.0, **TRAIN)
+    torch.testing.assert_close(model.module.expression_bias.detach(), learned)

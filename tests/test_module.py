@@ -500,3 +500,34 @@ def test_loss_decreases_on_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
     # Only the used masked slots carry gradient into the decoder input (no leak from pads).
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_visible_loss_term():
+    module = make_module(visible_loss_weight=0.5)
+    batch = make_batch([5, 40, 12], [4, 9, 3], seed=5)
+    generator = torch.Generator().manual_seed(0)
+    batch["visible_target"] = torch.rand(batch["value"].shape, generator=generator) * 3
+    _, generative, out = module(batch)
+    visible = generative["visible_prediction"]
+    # Same predictions as decoding every position and reading the encoder's genes.
+    h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+    full = module.expression(
+        h,
+        batch["gene_index"],
+        batch["padding_mask"],
+        **decoder_kwargs(batch),
+        genes=batch["gene_index"].masked_fill(batch["padding_mask"], 0),
+    )
+    genes = ~batch["padding_mask"]
+    genes[:, :2] = False
+    torch.testing.assert_close(visible[genes], full[genes], atol=1e-5, rtol=1e-5)
+    visible_mse = (visible - batch["visible_target"])[genes].square().mean()
+    used = ~batch["masked_pad"]
+    masked_mse = (generative["prediction"] - batch["target_value"])[used].square().mean()
+    torch.testing.assert_close(out.loss, masked_mse + 0.5 * visible_mse)
+    torch.testing.assert_close(out.extra_metrics["visible_mse"], visible_mse.detach())
+    # Without the weight (scFoundation), visible genes are neither predicted nor scored.
+    plain = make_module(visible_loss_weight=0.0)
+    _, generative, out = plain(batch)
+    assert "visible_prediction" not in generative
+    assert "visible_mse" not in out.extra_metrics

@@ -21,6 +21,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _max_genes(text: str) -> int | str:
+    return "all" if text == "all" else _positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``scxtrimo`` command."""
     from . import __version__
@@ -57,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--target-depth", default=None, help="e.g. 4, t4, fold:2, add:1")
     emb.add_argument("--batch-size", type=_positive_int, default=None)
     emb.add_argument("--max-tokens", type=_positive_int, default=16_384)
+    emb.add_argument(
+        "--max-genes",
+        type=_max_genes,
+        default=None,
+        help="cap on gene tokens per cell, or 'all' (default: the model's pretraining cap)",
+    )
     emb.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     emb.add_argument(
         "--skip-invalid-cells", action="store_true", help="NaN rows for cells with < 2 counts"
@@ -141,6 +151,7 @@ def run_embed(args: argparse.Namespace) -> None:
             target_depth=args.target_depth,
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
+            max_genes=args.max_genes,
             invalid_cells="skip" if args.skip_invalid_cells else "raise",
             device=args.device,
         )

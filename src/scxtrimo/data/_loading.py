@@ -112,14 +112,17 @@ def iter_inference_batches(
     if cells is not None:
         wanted[np.asarray(cells, dtype=np.int64)] = True
 
+    # Batches are planned on the tokens a cell will really have (its genes, capped).
+    lengths = n_tokens if spec.max_genes is None else np.minimum(n_tokens, spec.max_genes)
+
     def jobs() -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-        for start, block in iter_row_chunks(matrix, chunk_size):
+        for start, block in iter_row_chunks(matrix, chunk_size, wanted):
             stop = start + block.shape[0]
             local = np.flatnonzero(wanted[start:stop])
             if local.size == 0:
                 continue
             for batch in plan_batches(
-                n_tokens[start + local], batch_size=batch_size, max_tokens=max_tokens
+                lengths[start + local], batch_size=batch_size, max_tokens=max_tokens
             ):
                 yield block, local[batch], start + local[batch]
 

@@ -73,10 +73,14 @@ def read_rows(matrix: Any, start: int, stop: int) -> sp.csr_matrix:
     return block
 
 
-def iter_row_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-    """Yield ``(start, rows start:start+chunk_size as CSR)`` over the whole matrix.
+def iter_row_chunks(
+    matrix: Any, chunk_size: int, wanted: np.ndarray | None = None
+) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """Yield ``(start, rows start:start+chunk_size as CSR)`` over the matrix.
 
     An in-memory CSR matrix is yielded whole (no copy): the kernels index its rows directly.
+    With ``wanted`` (a boolean mask over rows), chunks without a wanted row are never read, so
+    embedding a few cells of a large backed file reads only the chunks that hold them.
     """
     matrix = as_row_accessible(matrix)
     n = matrix.shape[0]
@@ -84,4 +88,7 @@ def iter_row_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, sp.csr_
         yield 0, matrix
         return
     for start in range(0, n, chunk_size):
-        yield start, read_rows(matrix, start, min(n, start + chunk_size))
+        stop = min(n, start + chunk_size)
+        if wanted is not None and not wanted[start:stop].any():
+            continue
+        yield start, read_rows(matrix, start, stop)

@@ -354,7 +354,8 @@ def pretraining_batch(
     -------
     The encoder tokens (``gene_index``, ``value``, ``padding_mask``) of the visible genes and the
     padded masked positions (``masked_index``, ``masked_value``, ``masked_token``,
-    ``masked_pad``, ``target_value``, ``target_nonzero``).
+    ``masked_pad``, ``target_value``, ``target_nonzero``), and ``visible_target``: the
+    full-depth normalised value of each visible gene token (0 at T, S and padding).
     """
     indptr, indices, data = csr_arrays(matrix)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -411,6 +412,13 @@ def pretraining_batch(
         index.pad,
         -1 if max_genes is None else int(max_genes),
     )
+    # Full-depth targets of the visible genes too (what a down-sampled cell should become).
+    is_gene = ~padding_mask
+    is_gene[:, :2] = False  # T and S
+    q_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(is_gene.sum(axis=1), out=q_ptr[1:])
+    visible_target = np.zeros(value.shape, dtype=np.float32)
+    visible_target[is_gene] = lookup_values(ptr, genes, target_values, q_ptr, gene_index[is_gene])
     masked_index, valid = ragged_to_padded(m_ptr, m_genes.astype(np.int64), np.int64(0))
     masked_value, _ = ragged_to_padded(m_ptr, m_input, np.float32(0))
     masked_token, _ = ragged_to_padded(m_ptr, m_token, False)
@@ -425,4 +433,5 @@ def pretraining_batch(
         "masked_pad": ~valid,
         "target_value": target,
         "target_nonzero": target > 0,
+        "visible_target": visible_target,
     }

@@ -53,6 +53,7 @@ def scan_cells(
     obs_names: pd.Index | None = None,
     var_names: pd.Index | None = None,
     chunk_size: int = 10_000,
+    rows: np.ndarray | None = None,
 ) -> CellStats:
     """Validate the matrix and compute per-cell totals and token counts.
 
@@ -70,6 +71,10 @@ def scan_cells(
         Names used in error messages.
     chunk_size
         Rows per chunk read from disk (bounds memory for backed files).
+    rows
+        Only the rows that will be used (positions). Chunks of a backed or dense matrix that
+        hold none of them are neither read nor checked, and their rows get zero statistics;
+        an in-memory sparse matrix is always checked whole.
 
     Raises
     ------
@@ -90,7 +95,11 @@ def scan_cells(
     all_total = 0.0
     has_non_integer = False
 
-    for start, chunk in iter_row_chunks(matrix, chunk_size):
+    wanted = None
+    if rows is not None:
+        wanted = np.zeros(n_obs, dtype=bool)
+        wanted[np.asarray(rows, dtype=np.int64)] = True
+    for start, chunk in iter_row_chunks(matrix, chunk_size, wanted):
         chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk
         data = chunk.data
         if data.dtype.kind not in "biuf":

@@ -39,6 +39,7 @@ from scxtrimo.data._vocabulary import GeneMapping, load_vocabulary, log_overlap,
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
 from scxtrimo.train._datamodule import PretrainingDataModule, PretrainingDataset
 from scxtrimo.train._finetune import FinetuneMode
+from scxtrimo.train._gene_bias import expected_masked_values
 from scxtrimo.train._plan import XTrimoGeneTrainingPlan
 
 logger = logging.getLogger("scxtrimo")
@@ -164,6 +165,8 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         self.classifier_ = _classifier_info(labels_key, categories) if categories else None
         self.config_ = cfg.to_dict()
         self.default_target_depth_ = "fold:1"
+        # Cap on gene tokens per cell at inference: the cap the model was pretrained with.
+        self.default_max_genes_: int | None = None
         self.source_ = "scxtrimo"
         self.seed_ = seed
         self._update_summary()
@@ -377,13 +380,48 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
     # Input preparation
     # ------------------------------------------------------------------------------------
 
+    @property
+    def default_max_genes(self) -> int | None:
+        """Cap on gene tokens per cell used at inference when none is given.
+
+        The cap the model was pretrained with (``train(max_genes=...)``): a model that has
+        only ever seen a cell's ``k`` highest-expressed genes embeds cells the same way, which
+        also bounds the cost of deep cells. ``None`` (no cap) for scFoundation weights, as in
+        the official code. Set it to change the default; every inference method also takes
+        ``max_genes=`` (``"all"`` for no cap).
+        """
+        return self.default_max_genes_
+
+    @default_max_genes.setter
+    def default_max_genes(self, value: int | None) -> None:
+        self.default_max_genes_ = self._check_max_genes(value)
+
+    @staticmethod
+    def _check_max_genes(value: int | None) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"max_genes must be a positive integer, None or 'all'; got {value!r}.")
+        return int(value)
+
+    def _resolve_max_genes(self, max_genes: int | Literal["all"] | None) -> int | None:
+        if max_genes is None:
+            return self.default_max_genes_
+        if isinstance(max_genes, str):
+            if max_genes != "all":
+                raise ValueError(
+                    f"max_genes must be a positive integer, None or 'all'; got {max_genes!r}."
+                )
+            return None
+        return self._check_max_genes(max_genes)
+
     def prepare_input(
         self,
         adata: AnnData,
         *,
         indices: Sequence[int] | np.ndarray | None = None,
         target_depth: float | str | TargetDepth | None = None,
-        max_genes: int | None = None,
+        max_genes: int | Literal["all"] | None = None,
         invalid: InvalidCells = "raise",
         min_overlap: float = 0.5,
         **setup_overrides,
@@ -400,7 +438,8 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         target_depth
             ``T``; see :class:`~scxtrimo.data.TargetDepth`. ``None`` uses the model default.
         max_genes
-            Cap on gene tokens per cell (highest values kept).
+            Cap on gene tokens per cell (highest values kept). ``None`` uses the model's
+            default (:attr:`default_max_genes`), ``"all"`` keeps every gene.
         invalid
             Cells with fewer than 2 in-vocabulary counts: ``"raise"`` an error listing them,
             or ``"skip"`` them.
@@ -452,18 +491,19 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                     f"obs[{key!r}] must hold total counts >= 1; {int(bad.sum())} cells do not "
                     f"(e.g. {list(adata.obs_names[bad][:3])})."
                 )
+        n_obs = adata.n_obs
+        cells = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        if cells.size and (cells.min() < 0 or cells.max() >= n_obs):
+            raise IndexError(f"indices must be in [0, {n_obs}); got {cells.min()}..{cells.max()}.")
         stats = scan_cells(
             matrix,
             mapping.col_to_vocab,
             input_type=args["input_type"],
             obs_names=adata.obs_names,
             var_names=adata.var_names,
+            rows=None if indices is None else cells,
         )
         log_overlap(mapping, stats.count_fraction)
-        n_obs = adata.n_obs
-        cells = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-        if cells.size and (cells.min() < 0 or cells.max() >= n_obs):
-            raise IndexError(f"indices must be in [0, {n_obs}); got {cells.min()}..{cells.max()}.")
         if total_counts is not None and args["input_type"] == "log1p":
             # S comes from the given totals, so validity is judged on them.
             stats = CellStats(total_counts, stats.n_tokens, stats.count_fraction)
@@ -491,7 +531,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             target_depth=TargetDepth.parse(
                 self.default_target_depth_ if target_depth is None else target_depth
             ),
-            max_genes=max_genes,
+            max_genes=self._resolve_max_genes(max_genes),
             scale=scale,
         )
         return PreparedInput(matrix, mapping, stats, spec, cells, bad, total_counts)
@@ -515,7 +555,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         *,
         target_depth: float | str | TargetDepth | None = None,
         max_tokens: int = 16_384,
-        max_genes: int | None = None,
+        max_genes: int | Literal["all"] | None = None,
         invalid_cells: InvalidCells = "raise",
         device: str | torch.device | None = None,
         autocast: bool | None = None,
@@ -547,7 +587,9 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         max_tokens
             Token budget per batch (memory bound).
         max_genes
-            Cap on gene tokens per cell.
+            Cap on gene tokens per cell (highest values kept); ``None`` uses
+            :attr:`default_max_genes` (the cap the model was pretrained with), ``"all"`` keeps
+            every gene.
         invalid_cells
             ``"raise"`` (default) or ``"skip"`` cells with < 2 in-vocabulary counts; skipped
             cells get NaN rows.
@@ -904,7 +946,10 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         masking
             :class:`~scxtrimo.data.MaskingSpec` or a dict of its fields.
         max_genes
-            Cap on visible gene tokens per cell during training (random-free: highest values).
+            Cap on visible gene tokens per cell (a cell's highest values are kept; ``None``: no
+            cap). Attention costs grow with the square of a cell's tokens, so the cap bounds the
+            cost of deep cells. After pretraining it becomes :attr:`default_max_genes`, the cap
+            used at inference.
         seed
             Seed for masks, down-sampling, the split, batch order and dropout.
         accelerator, devices, precision, gradient_clip_val
@@ -971,7 +1016,9 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             )
         seed = self.seed_ if seed is None else seed
         masking = masking if isinstance(masking, MaskingSpec) else MaskingSpec(**(masking or {}))
-        prep = self.prepare_input(self.adata, invalid=invalid_cells, max_genes=max_genes)
+        prep = self.prepare_input(
+            self.adata, invalid=invalid_cells, max_genes="all" if max_genes is None else max_genes
+        )
         if len(prep.cells) < 2:
             raise ValueError("Training needs at least 2 valid cells.")
         dataset = PretrainingDataset(
@@ -993,6 +1040,18 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             pin_memory=accelerator in ("gpu", "cuda")
             or (accelerator == "auto" and torch.cuda.is_available()),
         )
+        if self.module.expression_bias is not None and not self.is_trained_:
+            # A fresh model starts predicting each gene's expected masked value (training
+            # cells only), so its steps go into learning what a cell's context adds.
+            start = expected_masked_values(
+                prep.matrix,
+                prep.mapping.col_to_vocab,
+                datamodule.train_idx,
+                self.config.n_genes,
+                masking,
+            )
+            with torch.no_grad():
+                self.module.expression_bias.copy_(torch.from_numpy(start))
         plan = self._training_plan_cls(
             self.module,
             lr=lr,
@@ -1034,6 +1093,8 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             "masking": masking.__dict__,
             "finetune": None,
         }
+        # Embed cells the way the model saw them in pretraining.
+        self.default_max_genes_ = max_genes
         return out
 
     # ------------------------------------------------------------------------------------
@@ -1089,6 +1150,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             "config": self.config.to_dict(),
             "setup_args": self.setup_args,
             "default_target_depth": self.default_target_depth_,
+            "default_max_genes": self.default_max_genes_,
             "source": self.source_,
             "seed": self.seed_,
             "is_trained": bool(self.is_trained_),
@@ -1157,6 +1219,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         )
         load_state_dict_checked(model.module, state, source=str(path / f"{prefix}{MODEL_FILE}"))
         model.default_target_depth_ = metadata.get("default_target_depth", "fold:1")
+        model.default_max_genes_ = metadata.get("default_max_genes")
         model.source_ = metadata.get("source", "scxtrimo")
         model.is_trained_ = bool(metadata.get("is_trained", True))
         model.training_args_ = metadata.get("training_args")

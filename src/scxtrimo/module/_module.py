@@ -87,6 +87,11 @@ class XTrimoGeneModule(BaseModuleClass):
         )
         self.head_norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.layer_norm_eps)
         self.expression_head = nn.Linear(cfg.decoder_dim, 1)
+        # Per-position offset of the prediction (config.expression_gene_bias); see
+        # scxtrimo.train.expected_masked_values for its data-driven start.
+        self.expression_bias = (
+            nn.Parameter(torch.zeros(cfg.seq_len)) if cfg.expression_gene_bias else None
+        )
         self.classifier = (
             nn.Linear(4 * cfg.encoder_dim, self.n_labels) if self.n_labels > 0 else None
         )
@@ -234,7 +239,9 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_value: torch.Tensor | None = None,
         masked_token: torch.Tensor | None = None,
         masked_pad: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        with_visible: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predicted expression at the masked positions only, without decoding every gene.
 
         Equal (up to float rounding) to ``expression(..., genes=masked_index)`` with the
@@ -248,20 +255,30 @@ class XTrimoGeneModule(BaseModuleClass):
         ----------
         h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
             As in :meth:`decode`.
+        with_visible
+            Also return the predictions at the encoder's positions ``[B, L]``.
 
         Returns
         -------
-        Predictions ``[B, M]`` (meaningless in unused slots).
+        Predictions ``[B, M]`` (meaningless in unused slots), and with ``with_visible`` the
+        predictions at the encoder's positions ``[B, L]`` (meaningless at padding).
         """
         constant, rows, index, valid = self._decoder_rows(
             h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
         )
         n_visible = gene_index.shape[1]
-        query_slots = torch.arange(n_visible, rows.shape[1], device=rows.device)
+        first = 0 if with_visible else n_visible
+        query_slots = torch.arange(first, rows.shape[1], device=rows.device)
         decoded = self.decoder.forward_replaced_rows(
             constant[: self.config.seq_len], rows, index, valid, query_slots
         )
-        return self.expression_head(self.head_norm(decoded)).squeeze(-1)
+        prediction = self.expression_head(self.head_norm(decoded)).squeeze(-1)
+        if self.expression_bias is not None:
+            positions = index[:, first:].masked_fill(~valid[:, first:], 0)
+            prediction = prediction + self.expression_bias[positions]
+        if with_visible:
+            return prediction[:, n_visible:], prediction[:, :n_visible]
+        return prediction
 
     def decode(
         self,
@@ -392,7 +409,14 @@ class XTrimoGeneModule(BaseModuleClass):
             key_stabilizer=key_stabilizer,
             genes=genes,
         )
-        return self.expression_head(embeddings).squeeze(-1)
+        prediction = self.expression_head(embeddings).squeeze(-1)
+        if self.expression_bias is not None:
+            bias = self.expression_bias
+            if genes is None:
+                prediction = prediction + bias
+            else:
+                prediction = prediction + bias[genes.to(device=bias.device, dtype=torch.long)]
+        return prediction
 
     # -- scvi-tools hooks -------------------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -442,6 +466,8 @@ class XTrimoGeneModule(BaseModuleClass):
             "masked_value": tensors.get("masked_value"),
             "masked_token": tensors.get("masked_token"),
             "masked_pad": tensors.get("masked_pad"),
+            # Predictions at the encoder's genes only when the loss uses them.
+            "with_visible": self.config.visible_loss_weight > 0 and "visible_target" in tensors,
         }
 
     def generative(
@@ -454,6 +480,7 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_token: torch.Tensor | None = None,
         masked_pad: torch.Tensor | None = None,
         key_stabilizer: KeyStabilizer = "cell",
+        with_visible: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """Predict the values at the masked positions.
 
@@ -467,6 +494,9 @@ class XTrimoGeneModule(BaseModuleClass):
         ----------
         h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer
             As in :meth:`decode`.
+        with_visible
+            Also predict the values at the encoder's positions (``"visible_prediction"``
+            ``[B, L]``), for the loss term weighted by ``config.visible_loss_weight``.
 
         Returns
         -------
@@ -480,12 +510,15 @@ class XTrimoGeneModule(BaseModuleClass):
             if masked_pad is not None
             else torch.zeros_like(masked_index, dtype=torch.bool)
         )
+        args = (h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad)
         if key_stabilizer == "cell" and self.config.decoder_depth == 1:
-            prediction = self.masked_expression(
-                h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
-            )
-            return {"prediction": prediction}
+            if with_visible:
+                prediction, visible = self.masked_expression(*args, with_visible=True)
+                return {"prediction": prediction, "visible_prediction": visible}
+            return {"prediction": self.masked_expression(*args)}
         positions = masked_index.masked_fill(unused, 0)
+        if with_visible:
+            positions = torch.cat([positions, gene_index.masked_fill(padding_mask, 0)], dim=1)
         prediction = self.expression(
             h,
             gene_index,
@@ -497,6 +530,12 @@ class XTrimoGeneModule(BaseModuleClass):
             key_stabilizer=key_stabilizer,
             genes=positions,
         )
+        if with_visible:
+            n_masked = masked_index.shape[1]
+            return {
+                "prediction": prediction[:, :n_masked],
+                "visible_prediction": prediction[:, n_masked:],
+            }
         return {"prediction": prediction}
 
     def loss(
@@ -521,9 +560,11 @@ class XTrimoGeneModule(BaseModuleClass):
 
         Returns
         -------
-        ``loss`` = mean squared error over all used masked slots (+ weighted cross-entropy);
-        ``reconstruction_loss`` = per-cell masked MSE ``[B]``; ``extra_metrics``:
-        ``masked_mse_nonzero``/``masked_mse_zero`` (MSE over slots with non-zero / zero target).
+        ``loss`` = mean squared error over all used masked slots (+ ``visible_loss_weight`` x
+        the MSE at the encoder's genes against ``tensors["visible_target"]``, when the config
+        asks for it; + weighted cross-entropy); ``reconstruction_loss`` = per-cell masked MSE
+        ``[B]``; ``extra_metrics``: ``masked_mse_nonzero``/``masked_mse_zero`` (MSE over slots
+        with non-zero / zero target) and ``visible_mse``.
         """
         prediction = generative_outputs.get("prediction")
         has_labels = self.classifier is not None and "labels" in tensors
@@ -556,6 +597,15 @@ class XTrimoGeneModule(BaseModuleClass):
             extra_metrics["masked_mse_zero"] = (
                 squared_error.masked_fill(~zero, 0.0).sum() / zero.sum().clamp(min=1)
             ).detach()
+        visible_prediction = generative_outputs.get("visible_prediction")
+        if visible_prediction is not None:
+            # Genes the encoder saw (not T, S or padding) against their full-depth values.
+            genes = ~tensors["padding_mask"].to(torch.bool)
+            genes[:, :2] = False
+            visible_error = (visible_prediction - tensors["visible_target"]).square()
+            visible_mse = visible_error.masked_fill(~genes, 0.0).sum() / genes.sum().clamp(min=1)
+            total = total + self.config.visible_loss_weight * visible_mse
+            extra_metrics["visible_mse"] = visible_mse.detach()
         classification = {}
         if has_labels:
             logits = inference_outputs["logits"]

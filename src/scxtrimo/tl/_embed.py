@@ -81,6 +81,7 @@ def embed(
     total_counts_key: str | None = None,
     batch_size: int | None = None,
     max_tokens: int = 16_384,
+    max_genes: int | Literal["all"] | None = None,
     pooling: Literal["all", "max", "mean"] = "all",
     target_depth: float | str | None = None,
     invalid_cells: Literal["raise", "skip"] = "raise",
@@ -120,6 +121,10 @@ def embed(
         Maximum cells per batch; ``None`` lets ``max_tokens`` decide.
     max_tokens
         Token budget per batch; bounds memory whatever the cells' depth.
+    max_genes
+        Cap on gene tokens per cell (highest values kept); ``None`` uses the model's
+        :attr:`~scxtrimo.model.XTrimoGene.default_max_genes` (the cap it was pretrained with;
+        none for scFoundation weights), ``"all"`` keeps every gene.
     pooling
         ``"all"``, ``"max"`` or ``"mean"``; see
         :meth:`~scxtrimo.model.XTrimoGene.get_latent_representation`.
@@ -171,6 +176,7 @@ def embed(
     prep = net.prepare_input(
         target,
         target_depth=target_depth,
+        max_genes=max_genes,
         invalid=invalid_cells,
         **overrides,
     )
@@ -189,6 +195,7 @@ def embed(
         "model_config": getattr(net.config, "name", None) or "custom",
         "pooling": pooling,
         "target_depth": prep.spec.target_depth.official(),
+        "max_genes": prep.spec.max_genes,
         "input_type": prep.spec.input_type,
         "layer": net.setup_args["layer"] if layer is None else layer,
         "n_skipped_cells": int(prep.skipped.size),

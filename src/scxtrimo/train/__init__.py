@@ -7,6 +7,7 @@ from ._finetune import (
     finetune_plan,
     freeze_for_finetuning,
 )
+from ._gene_bias import expected_masked_values
 from ._plan import XTrimoGeneTrainingPlan
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PretrainingDataModule",
     "PretrainingDataset",
     "XTrimoGeneTrainingPlan",
+    "expected_masked_values",
     "finetune_plan",
     "freeze_for_finetuning",
 ]
