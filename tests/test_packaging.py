@@ -39,11 +39,18 @@ def test_wheel_contents_and_size(wheel):
         "scxtrimo/_resources/vocabulary_ensembl.tsv",
         "scxtrimo/_resources/NOTICE",
         "scxtrimo/datasets/pbmc4k.h5ad",
+        "scxtrimo/_resources/pretrained/model.pt",
+        "scxtrimo/_resources/pretrained/model.json",
         "scxtrimo/py.typed",
     ):
         assert needed in names
     assert not any(n.startswith("tests/") for n in names)
+    assert not any("__pycache__" in n or n.endswith(".nbc") for n in names)
     assert wheel.stat().st_size < 20 * 2**20
+    # Package data (datasets, vocabulary, the pretrained model) stays within 15 MB.
+    info = zipfile.ZipFile(wheel).infolist()
+    data = sum(i.file_size for i in info if not i.filename.endswith((".py", ".typed")))
+    assert data <= 15e6, f"{data / 1e6:.1f} MB of package data"
 
 
 def test_installed_wheel_runs(wheel, tmp_path):
@@ -72,6 +79,8 @@ def test_installed_wheel_runs(wheel, tmp_path):
         "scxtrimo.settings.progress_bar = False\n"
         "scxtrimo.tl.embed(adata, XTrimoGene(None, config='tiny'))\n"
         "assert np.isfinite(adata.obsm['X_scxtrimo']).all()\n"
+        "scxtrimo.tl.embed(adata, key_added='X_default')  # the shipped model, offline\n"
+        "assert adata.obsm['X_default'].shape == (10, 512)\n"
         "print('ok', scxtrimo.__version__)\n"
     )
     run = subprocess.run(

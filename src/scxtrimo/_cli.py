@@ -105,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("scxtrimo_demo"), help="output folder")
     demo.add_argument("--model", default=None, help="model to use instead of the default")
-    demo.add_argument("--pretrain", action="store_true", help="pretrain a fresh model first")
-    demo.add_argument("--config", default="small")
-    demo.add_argument("--max-epochs", type=_positive_int, default=1)
     demo.add_argument(
-        "--max-genes", type=_positive_int, default=512, help="gene tokens per cell when pretraining"
+        "--pretrain",
+        action="store_true",
+        help="pretrain a fresh model first (the shipped model's recipe, ~6 min on 2 CPU cores)",
+    )
+    demo.add_argument("--config", default="small")
+    demo.add_argument("--max-epochs", type=_positive_int, default=8)
+    demo.add_argument(
+        "--max-genes", type=_positive_int, default=256, help="gene tokens per cell when pretraining"
     )
     demo.add_argument(
         "--max-cells", type=_positive_int, default=None, help="subsample cells (quick runs)"

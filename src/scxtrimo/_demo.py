@@ -21,18 +21,27 @@ def _get_model(args: argparse.Namespace, adata):
         return resolve_model(args.model), f"given ({args.model})"
     if not args.pretrain and default_model_available():
         return resolve_model(None), "shipped pretrained default"
-    print(
-        f"scxtrimo demo: no pretrained default model is shipped yet; pretraining a "
-        f"{args.config!r} model on these cells for {args.max_epochs} epoch(s) on the CPU. "
-        "A model this briefly trained gives weak embeddings (see the report below); for real "
-        "analyses use the scFoundation weights (XTrimoGene.from_scfoundation) or pretrain "
-        "longer (scxtrimo pretrain)."
-    )
+    if args.pretrain:
+        print(
+            f"scxtrimo demo: pretraining a fresh {args.config!r} model on these cells for "
+            f"{args.max_epochs} epoch(s) on the CPU (the shipped model's recipe)."
+        )
+    else:
+        print(
+            "scxtrimo demo: this installation has no shipped pretrained model; pretraining a "
+            f"{args.config!r} model on these cells for {args.max_epochs} epoch(s) on the CPU."
+        )
     train = adata.copy()
     XTrimoGene.setup_anndata(train)
     model = XTrimoGene(train, config=args.config, seed=args.seed)
     start = time.perf_counter()
-    model.train(max_epochs=args.max_epochs, seed=args.seed, max_genes=args.max_genes)
+    model.train(
+        max_epochs=args.max_epochs,
+        batch_size=16,
+        lr=1e-3,
+        seed=args.seed,
+        max_genes=args.max_genes,
+    )
     minutes = (time.perf_counter() - start) / 60
     return (
         model,
