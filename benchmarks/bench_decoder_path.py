@@ -78,7 +78,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max-genes", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 on a shared machine)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     adata = scxtrimo.datasets.pbmc4k()
     col_to_vocab = map_genes(adata.var).col_to_vocab
     rows_out = []
@@ -123,7 +128,8 @@ def main() -> None:
         print(rows_out[-1])
     result = {
         "command": "python benchmarks/bench_decoder_path.py "
-        f"--config {args.config} --cells {' '.join(map(str, args.cells))} --steps {args.steps}",
+        f"--config {args.config} --cells {' '.join(map(str, args.cells))} --steps {args.steps}"
+        + (f" --threads {args.threads}" if args.threads is not None else ""),
         "config": args.config,
         "machine": {
             "cpu_count": os.cpu_count(),

@@ -20,8 +20,9 @@ Methods: fine-tuning a pretrained model with ``finetune="head"``, ``"last_layers
 fine-tuning; the probe's time is in the ``"head"`` row, or in the control's); label transfer
 without training (``scxtrimo.tl.transfer_labels``, k=15 on ``X_scxtrimo``); and two baselines on
 the scanpy PCA (fitted on the training cells): logistic regression and kNN (k=15).
-Controls use an untrained (randomly initialised) model of the same size: label transfer on its
-embedding, and ``finetune="full"`` from it (supervised training from scratch, same budget).
+Controls use an untrained (randomly initialised) model of the same size, given the same cap on
+gene tokens per cell as the model under test: label transfer on its embedding, and
+``finetune="full"`` from it (supervised training from scratch, same budget).
 Metrics on the test cells: accuracy and macro-F1. Results go to
 ``evaluate_annotation_<dataset>.json`` / ``.md``.
 """
@@ -88,9 +89,12 @@ def pbmc_split(n_train, n_test, seed):
     )
 
 
-def _fresh(model_path, model_info, control, seed):
+def _fresh(model_path, model_info, control, seed, max_genes):
     if control:
-        return XTrimoGene(None, config=model_info["config"], seed=seed + 1)
+        model = XTrimoGene(None, config=model_info["config"], seed=seed + 1)
+        # Predict on cells capped as in fine-tuning (an untrained model has no default cap).
+        model.default_max_genes = max_genes
+        return model
     return load_model(model_path)[0]
 
 
@@ -132,6 +136,8 @@ def evaluate(name, adata, train_idx, test_idx, split, model_path, args, model_in
     if args.untrained_control:
         log(f"{name}: label transfer with an untrained model (control)")
         untrained = XTrimoGene(None, config=model_info["config"], seed=args.seed + 1)
+        # Cells seen the same way as by the pretrained model (its inference cap).
+        untrained.default_max_genes = pretrained.default_max_genes
         start = time.perf_counter()
         ref, query = train.copy(), test.copy()
         for data in (ref, query):
@@ -171,7 +177,7 @@ def evaluate(name, adata, train_idx, test_idx, split, model_path, args, model_in
         if mode != "head" and args.lp_ft:
             # LP-FT: fit the head as a linear probe first, then fine-tune from it.
             if control not in probes:
-                model = _fresh(model_path, model_info, control, args.seed)
+                model = _fresh(model_path, model_info, control, args.seed, args.max_genes)
                 model.add_classifier(train.copy(), labels_key="cell_type")
                 model.train(max_epochs=args.head_epochs, finetune="head", lr=args.head_lr, **common)
                 probes[control] = Path(tmp.name) / f"probe{int(control)}"
@@ -179,7 +185,7 @@ def evaluate(name, adata, train_idx, test_idx, split, model_path, args, model_in
                 probe_s = time.perf_counter() - start
             model = XTrimoGene.load(probes[control], adata=train.copy())
         else:
-            model = _fresh(model_path, model_info, control, args.seed)
+            model = _fresh(model_path, model_info, control, args.seed, args.max_genes)
             model.add_classifier(train.copy(), labels_key="cell_type")
         model.train(max_epochs=epochs, finetune=mode, lr=lr_mode, **common)
         if mode == "head" and args.lp_ft:

@@ -79,14 +79,21 @@ def scores(
     detected = truth > 0
     r_detected = np.array([np.corrcoef(p[m], t[m])[0, 1] for p, t, m in zip(pred, truth, detected)])
     genewise = rowwise_pearson(pred[:, variable].T, truth[:, variable].T)
+    # A prediction constant across cells (population mean) has no gene-wise r: NaN, shown "—".
+    genewise_median = float(np.nanmedian(genewise)) if np.isfinite(genewise).any() else np.nan
     return {
         "pearson_r": float(np.nanmean(r)),
         "pearson_r_sd": float(np.nanstd(r)),
         "mse": float(mse.mean()),
         "pearson_r_detected_genes": float(np.nanmean(r_detected)),
         "pearson_r_centred": float(np.nanmean(centred)),
-        "genewise_pearson_r_median": float(np.nanmedian(genewise)),
+        "genewise_pearson_r_median": genewise_median,
     }
+
+
+def _fmt(value: float) -> str:
+    """Three decimals; "—" where the score is undefined (a profile constant across cells)."""
+    return "—" if not np.isfinite(value) else f"{value:.3f}"
 
 
 def knn_smooth(down_norm: np.ndarray, cells: np.ndarray, k: int = 15) -> np.ndarray:
@@ -218,7 +225,7 @@ def main() -> None:
             pr = f"**{r['pearson_r']:.3f}**" if r["pearson_r"] == best else f"{r['pearson_r']:.3f}"
             lines.append(
                 f"| {method} | {pr} | {r['mse']:.4f} | {r['pearson_r_detected_genes']:.3f} | "
-                f"{r['pearson_r_centred']:.3f} | {r['genewise_pearson_r_median']:.3f} |"
+                f"{r['pearson_r_centred']:.3f} | {_fmt(r['genewise_pearson_r_median'])} |"
             )
         lines.append("")
     write_results(args.out, "evaluate_enhancement", result, lines)

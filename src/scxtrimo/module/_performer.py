@@ -460,7 +460,8 @@ class PerformerDecoder(nn.Module):
         """Decode sequences that differ from a shared sequence at a few rows (one layer only).
 
         Equals ``forward(x, key_stabilizer="cell")[b, row_index[b, query_slots]]`` where ``x``
-        is ``constant`` with cell ``b``'s rows replaced (see :func:`replaced_row_attention`),
+        is ``constant`` with cell ``b``'s rows replaced (the algebra is in this module's
+        ``replaced_row_attention``),
         at a cost that grows with the replaced rows instead of the sequence length. This is the
         pretraining path of single-layer decoders, where only masked positions are scored and
         every other position holds the same "value 0" input in every cell.

@@ -28,7 +28,7 @@ def expected_masked_values(
     masked ``masking.nonzero_prob * n`` times with a non-zero target and
     ``masking.zero_prob * (N - n)`` times with target 0; the best prediction that ignores the
     cell is the ratio ``nonzero_prob * s / (nonzero_prob * n + zero_prob * (N - n))``. It is
-    where :attr:`~scxtrimo.module.XTrimoGeneModule.expression_bias` starts, so that the
+    where the module's ``expression_bias`` starts (config ``expression_gene_bias``), so that the
     network learns what a cell's context adds to it.
 
     Parameters
