@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -842,9 +843,14 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         key_stabilizer: Literal["cell", "batch"] = "cell",
         device: str | torch.device | None = None,
         progress_bar: bool | None = None,
+        prep: PreparedInput | None = None,
         **setup_overrides,
     ):
-        """Run encoder + decoder over ``indices`` in the requested order, ``batch_size`` cells at a time."""
+        """Run encoder + decoder over ``indices`` in the requested order, ``batch_size`` cells at a time.
+
+        ``prep``: the result of :meth:`prepare_input` for ``adata`` when the caller already has
+        it (the checks then run once); ``indices`` (default: its ``cells``) are decoded.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         vocab = load_vocabulary()
@@ -858,9 +864,12 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                     f"{len(missing)} genes are not in the vocabulary, e.g. {missing[:5]}."
                 )
             gene_idx = lookup.loc[list(genes)].to_numpy()
-        prep = self.prepare_input(
-            adata, indices=indices, target_depth=target_depth, **setup_overrides
-        )
+        if prep is None:
+            prep = self.prepare_input(
+                adata, indices=indices, target_depth=target_depth, **setup_overrides
+            )
+        elif indices is not None:
+            prep = dataclasses.replace(prep, cells=np.asarray(indices, dtype=np.int64))
         dev = self._device(device)
         module = self.module.to(dev).eval()
         genes_t = torch.as_tensor(gene_idx, dtype=torch.int64, device=dev)

@@ -156,8 +156,7 @@ def enhance(
             target_depth=target_depth,
             device=device,
             progress_bar=progress_bar,
-            invalid=invalid_cells,
-            **overrides,
+            prep=prep,
         )
         for cells, values in chunks:
             result[np.ix_(cells, cols)] = values[:, position]

@@ -140,6 +140,7 @@ def _context_means(
     device,
     progress_bar,
     overrides: dict,
+    prep=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-group mean of the cells' context gene embeddings: ``[groups, genes, d]``, counts."""
     from scxtrimo.data._vocabulary import load_vocabulary
@@ -156,6 +157,7 @@ def _context_means(
         target_depth=target_depth,
         device=device,
         progress_bar=progress_bar,
+        prep=prep,  # the caller's checked input: no second scan of the data
         invalid=invalid_cells,
         **overrides,
     ):
@@ -305,6 +307,7 @@ def context_gene_embeddings(
         device=device,
         progress_bar=progress_bar,
         overrides=overrides,
+        prep=prep,
     )
     d = net.config.decoder_dim
     if groupby is None:
@@ -559,6 +562,7 @@ def gene_modules(
             device=device,
             progress_bar=progress_bar,
             overrides=overrides,
+            prep=prep,
         )
         emb, n_cells_used = means[0], int(counts[0])
     labels = cluster_genes(
