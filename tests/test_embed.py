@@ -86,6 +86,8 @@ def test_embedding_is_batch_and_order_independent(pbmc, tiny_model):
     np.testing.assert_allclose(shuffled, full[perm], atol=1e-5, rtol=0)
     by_index = tiny_model.get_latent_representation(pbmc, indices=subset)
     np.testing.assert_allclose(by_index, full[subset], atol=1e-5, rtol=0)
+    repeated = tiny_model.get_latent_representation(pbmc, indices=[42, 3, 42])
+    np.testing.assert_allclose(repeated, full[[42, 3, 42]], atol=1e-5, rtol=0)
 
 
 def test_pooling_modes(pbmc, tiny_model):
@@ -212,6 +214,9 @@ def test_cells_without_counts_raise_or_are_skipped(pbmc, tiny_model):
     assert np.isnan(emb[[2, 4]]).all()
     assert np.isfinite(emb[[0, 1, 3, 5]]).all()
     assert cells.uns["scxtrimo"]["X_scxtrimo"]["n_skipped_cells"] == 2
+    some = tiny_model.get_latent_representation(cells, indices=[4, 5], invalid_cells="skip")
+    assert np.isnan(some[0]).all()
+    np.testing.assert_allclose(some[1], emb[5], atol=1e-5, rtol=0)
 
 
 def test_empty_and_missing_inputs_are_refused(pbmc, tiny_model):

@@ -630,7 +630,8 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             device=device,
             autocast=autocast,
             progress_bar=progress_bar,
-        )[requested]
+            rows=requested,
+        )
 
     @torch.inference_mode()
     def _latent_from_prepared(
@@ -643,14 +644,20 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         device: str | torch.device | None,
         autocast: bool | None,
         progress_bar: bool | None,
+        rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Embeddings of ``prep.cells``, as rows of a (n_obs, width) array (NaN elsewhere)."""
+        """Embeddings of ``prep.cells`` at ``rows`` (default: every row of the AnnData).
+
+        The result has one row per entry of ``rows``, NaN for rows that are not in
+        ``prep.cells`` (skipped cells). Memory follows the cells embedded, not ``n_obs``.
+        """
         if pooling not in ("all", "max", "mean"):
             raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
         dev = self._device(device)
         module = self.module.to(dev).eval()
         width = (4 if pooling == "all" else 1) * self.config.encoder_dim
-        by_cell = np.full((prep.matrix.shape[0], width), np.nan, dtype=np.float32)
+        unique_cells = np.unique(prep.cells)
+        by_cell = np.empty((len(unique_cells), width), dtype=np.float32)
         use_autocast = dev.type == "cuda" and (autocast is None or autocast)
         show = settings.progress_bar if progress_bar is None else progress_bar
 
@@ -676,7 +683,6 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                 second = {k: v[half:] for k, v in tokens.items()}
                 return np.concatenate([run_splitting(first), run_splitting(second)])
 
-        unique_cells = np.unique(prep.cells)
         batches = iter_inference_batches(
             prep.matrix,
             prep.mapping.col_to_vocab,
@@ -692,9 +698,16 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             total=len(unique_cells), desc="Embedding cells", unit="cell", disable=not show
         ) as bar:
             for batch in batches:
-                by_cell[batch.cells] = run_splitting(batch.tokens)
+                by_cell[np.searchsorted(unique_cells, batch.cells)] = run_splitting(batch.tokens)
                 bar.update(len(batch.cells))
-        return by_cell
+        rows = np.arange(prep.matrix.shape[0]) if rows is None else np.asarray(rows, np.int64)
+        if np.array_equal(rows, unique_cells):
+            return by_cell  # every row embedded, in order: no second copy
+        position = np.searchsorted(unique_cells, rows).clip(max=max(len(unique_cells) - 1, 0))
+        found = unique_cells[position] == rows if len(unique_cells) else np.zeros(len(rows), bool)
+        out = np.full((len(rows), width), np.nan, dtype=np.float32)
+        out[found] = by_cell[position[found]]
+        return out
 
     def get_gene_embeddings(
         self,

@@ -72,6 +72,10 @@ def pca_baseline(
     sc.pp.log1p(work)
     sc.pp.highly_variable_genes(work, n_top_genes=min(n_top_genes, work.n_vars))
     work = work[:, work.var["highly_variable"]].copy()
+    if hasattr(work.X, "toarray"):
+        # Scaling centres every gene, so the matrix becomes dense anyway (cells x HVGs); doing
+        # it here says so instead of scanpy warning about it.
+        work.X = work.X.toarray()
     sc.pp.scale(work, max_value=10)
     sc.pp.pca(work, n_comps=min(n_comps, min(work.shape) - 1))
     return np.asarray(work.obsm["X_pca"])
