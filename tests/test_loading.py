@@ -66,3 +66,20 @@ def test_batches_are_planned_on_capped_lengths(pbmc):
     assert all(width == 130 and n * width <= budget for n, width in capped)
     assert len(capped) == len(plan_batches(np.minimum(stats.n_tokens, 128), max_tokens=budget))
     assert len(capped) < len(uncapped)
+
+
+def test_plan_batches_bounds_tokens_and_padding():
+    rng = np.random.default_rng(0)
+    # Few cells of very different depths (shallow and deep mixed), the case that padded most.
+    n_tokens = np.concatenate([rng.integers(20, 180, 100), rng.integers(2000, 4000, 28)])
+    batches = plan_batches(n_tokens, max_tokens=8192)
+    assert sorted(np.concatenate(batches)) == list(range(len(n_tokens)))
+    for batch in batches:
+        lengths = n_tokens[batch] + 2
+        padded = len(batch) * lengths.max()
+        assert len(batch) == 1 or padded <= 8192
+        assert len(batch) == 1 or padded <= 1.25 * lengths.sum()
+    loose = plan_batches(n_tokens, max_tokens=8192, max_padding=100.0)
+    worst = max(len(b) * (n_tokens[b] + 2).max() / (n_tokens[b] + 2).sum() for b in loose)
+    assert worst > 1.25  # without the cap this data does pad more
+    assert len(plan_batches(n_tokens, batch_size=4)) >= len(n_tokens) // 4

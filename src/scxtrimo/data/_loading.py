@@ -20,7 +20,11 @@ from ._tokens import InputSpec, TokenIndex, inference_batch
 
 
 def plan_batches(
-    n_tokens: np.ndarray, *, batch_size: int | None = None, max_tokens: int = 16_384
+    n_tokens: np.ndarray,
+    *,
+    batch_size: int | None = None,
+    max_tokens: int = 16_384,
+    max_padding: float = 1.25,
 ) -> list[np.ndarray]:
     """Split cells into length-sorted batches.
 
@@ -33,6 +37,10 @@ def plan_batches(
     max_tokens
         Budget of padded tokens (cells x longest cell) per batch; a single cell longer than the
         budget gets a batch of its own.
+    max_padding
+        Cap on a batch's padded tokens relative to its real tokens (1.25: at most 25% of the
+        computed tokens are padding). Many cells of dense, similar lengths never reach it; few
+        cells of very different lengths start a new batch instead of padding the short ones.
 
     Returns
     -------
@@ -42,19 +50,23 @@ def plan_batches(
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not max_padding >= 1.0:
+        raise ValueError(f"max_padding must be >= 1, got {max_padding}.")
     order = np.argsort(n_tokens, kind="stable")
-    lengths = np.asarray(n_tokens)[order] + 2
+    lengths = np.asarray(n_tokens, dtype=np.int64)[order] + 2
     batches: list[np.ndarray] = []
     start = 0
     n = len(order)
     while start < n:  # one iteration per batch, vectorised within
-        # Lengths grow along `order`, so a batch's padded length is that of its last cell and
-        # `lengths[start:stop] * (1..k)` is increasing: the cells that fit form a prefix.
+        # Lengths grow along `order`, so a batch's padded length is that of its last cell; the
+        # batch is the longest prefix within the token budget and the padding cap.
         cap = max(1, min(n - start, max_tokens // int(lengths[start])))
         if batch_size is not None:
             cap = min(cap, batch_size)
-        fits = lengths[start : start + cap] * np.arange(1, cap + 1) <= max_tokens
-        stop = start + max(1, int(fits.sum()))
+        window = lengths[start : start + cap]
+        padded = window * np.arange(1, len(window) + 1)
+        fits = (padded <= max_tokens) & (padded <= max_padding * np.cumsum(window))
+        stop = start + max(1, int(np.argmin(fits)) if not fits.all() else len(window))
         batches.append(order[start:stop])
         start = stop
     return batches
