@@ -29,7 +29,11 @@ def _fresh(pbmc):
     return XTrimoGene(data, config="tiny", seed=0)
 
 
-def test_training_resumes_from_checkpoint_to_the_same_state(pbmc, tmp_path):
+def test_training_resumes_from_checkpoint_to_the_same_state(pbmc, tmp_path, monkeypatch):
+    import scvi
+
+    # scvi-tools' own checkpoint callback writes below its logging_dir (./scvi_log by default).
+    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
     uninterrupted = _fresh(pbmc)
     uninterrupted.train(max_epochs=2, enable_checkpointing=False, **TRAIN)
 
