@@ -20,7 +20,6 @@ import scipy.sparse as sp
 SHARED_DATA = Path(os.environ.get("SCXTRIMO_SHARED_DATA", "/work/shared/data"))
 KANG = SHARED_DATA / "kang2018_pbmc_12k_1287genes.h5ad"
 DEFAULT_MODEL = Path("/tmp/small_pbmc")
-FALLBACK_MODEL = Path("/tmp/scxtrimo_tiny_pbmc4k")
 
 
 def log(message: str) -> None:
@@ -44,45 +43,24 @@ def machine() -> dict[str, Any]:
     }
 
 
-def load_model(path: Path | None, *, seed: int = 0):
+def load_model(path: Path | None):
     """The pretrained model to evaluate, and a description of where it came from.
 
     ``path`` (default ``/tmp/small_pbmc``, written by ``benchmarks/pretrain_pbmc4k.py``) is
-    loaded when it exists. Otherwise a ``tiny`` model is pretrained here on pbmc4k (2 epochs,
-    saved to ``/tmp/scxtrimo_tiny_pbmc4k`` and reused), and the results say so.
+    loaded when it exists; otherwise the model shipped with scxtrimo (the output of that same
+    command, in float16), and the results say which.
     """
-    import scxtrimo
     from scxtrimo.model import XTrimoGene
+    from scxtrimo.tl import resolve_model
 
     path = DEFAULT_MODEL if path is None else Path(path)
-    if (path / "model.json").exists():
-        model = XTrimoGene.load(path)
-        return model, {
-            "path": str(path),
-            "config": _config_name(model),
-            "pretrained_here": False,
-            "training_args": model.training_args_,
-        }
-    if not (FALLBACK_MODEL / "model.json").exists():
-        log(f"{path} not found: pretraining a tiny model on pbmc4k (2 epochs)")
-        adata = scxtrimo.datasets.pbmc4k()
-        XTrimoGene.setup_anndata(adata)
-        model = XTrimoGene(adata, config="tiny", seed=seed)
-        model.train(
-            max_epochs=2,
-            batch_size=32,
-            lr=2e-3,
-            max_genes=1024,
-            seed=seed,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-        )
-        model.save(FALLBACK_MODEL, overwrite=True)
-    model = XTrimoGene.load(FALLBACK_MODEL)
+    found = (path / "model.json").exists()
+    if not found:
+        log(f"{path} not found: evaluating the model shipped with scxtrimo")
+    model = XTrimoGene.load(path) if found else resolve_model(None)
     return model, {
-        "path": str(FALLBACK_MODEL),
+        "path": str(path) if found else "shipped default (scxtrimo/_resources/pretrained)",
         "config": _config_name(model),
-        "pretrained_here": True,
         "training_args": model.training_args_,
     }
 

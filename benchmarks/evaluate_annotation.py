@@ -276,12 +276,7 @@ def main() -> None:
             f"and {res['n_test']:,} test cells, subsampled at random; {res['n_genes']:,} genes; "
             f"{res['n_classes_test']} classes in the test set) with the pretrained "
             f"`{model_info['config']}` model (`{model_info['path']}`"
-            + (
-                ", pretrained by this script because no model was given"
-                if model_info["pretrained_here"]
-                else ""
-            )
-            + f"); {total / 60:.1f} min on {machine()['torch_threads']} CPU threads. "
+            f"); {total / 60:.1f} min on {machine()['torch_threads']} CPU threads. "
             f"Command: `{command}`",
             "",
             "| method | accuracy | macro-F1 | time (s) |",

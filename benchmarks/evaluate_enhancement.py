@@ -204,9 +204,8 @@ def main() -> None:
     }
     lines = [
         f"Read-depth enhancement on {cells.size} pbmc4k cells held out from pretraining "
-        f"(`{model_info['config']}` model"
-        + (", pretrained by this script" if model_info["pretrained_here"] else "")
-        + f"), {genes.size:,} genes; {total / 60:.1f} min on {machine()['torch_threads']} CPU "
+        f"(`{model_info['config']}` model, `{model_info['path']}`"
+        f"), {genes.size:,} genes; {total / 60:.1f} min on {machine()['torch_threads']} CPU "
         f"threads. Command: `{command}`",
         "",
     ]

@@ -161,9 +161,8 @@ def main() -> None:
     }
     lines = [
         f"Gene modules on pbmc4k: {len(genes):,} genes (the {args.n_genes:,} most variable + "
-        f"markers), `{model_info['config']}` model"
-        + (" (pretrained by this script)" if model_info["pretrained_here"] else "")
-        + f"; {total / 60:.1f} min on {machine()['torch_threads']} CPU threads. "
+        f"markers), `{model_info['config']}` model (`{model_info['path']}`)"
+        f"; {total / 60:.1f} min on {machine()['torch_threads']} CPU threads. "
         f"Command: `{command}`",
         "",
         "| embedding | clustering | modules | marker pairs co-clustered (within set) | random "

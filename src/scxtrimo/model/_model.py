@@ -703,8 +703,9 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         rows = np.arange(prep.matrix.shape[0]) if rows is None else np.asarray(rows, np.int64)
         if np.array_equal(rows, unique_cells):
             return by_cell  # every row embedded, in order: no second copy
-        position = np.searchsorted(unique_cells, rows).clip(max=max(len(unique_cells) - 1, 0))
-        found = unique_cells[position] == rows if len(unique_cells) else np.zeros(len(rows), bool)
+        position = np.searchsorted(unique_cells, rows)
+        found = position < len(unique_cells)
+        found[found] = unique_cells[position[found]] == rows[found]
         out = np.full((len(rows), width), np.nan, dtype=np.float32)
         out[found] = by_cell[position[found]]
         return out

@@ -5,10 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from scxtrimo.data._matrix import iter_row_chunks
-from scxtrimo.data._tokens import NORMALIZE_SCALE, MaskingSpec
+from scxtrimo.data._tokens import (
+    NORMALIZE_SCALE,
+    MaskingSpec,
+    csr_arrays,
+    gather_csr_rows,
+    log_normalize,
+    row_sums,
+)
 
 __all__ = ["expected_masked_values"]
 
@@ -53,24 +59,15 @@ def expected_masked_values(
     wanted = np.zeros(n_obs, dtype=bool)
     wanted[np.asarray(cells, dtype=np.int64)] = True
     col_to_vocab = np.asarray(col_to_vocab, dtype=np.int64)
-    in_vocab = col_to_vocab >= 0
     detected = np.zeros(n_genes, dtype=np.float64)
     value_sum = np.zeros(n_genes, dtype=np.float64)
     for start, block in iter_row_chunks(matrix, chunk_size, wanted):
         rows = np.flatnonzero(wanted[start : start + block.shape[0]])
-        block = sp.csr_matrix(block[rows])[:, np.flatnonzero(in_vocab)]
-        # Columns onto vocabulary genes (duplicates summed), then the kernels' normalisation.
-        to_vocab = sp.csr_matrix(
-            (np.ones(block.shape[1]), (np.arange(block.shape[1]), col_to_vocab[in_vocab])),
-            shape=(block.shape[1], n_genes),
-        )
-        counts = (block.astype(np.float64) @ to_vocab).tocsr()
-        counts.eliminate_zeros()
-        totals = np.asarray(counts.sum(axis=1)).ravel()
-        scale = NORMALIZE_SCALE / np.maximum(totals, 1.0)
-        counts.data = np.log1p(counts.data * np.repeat(scale, np.diff(counts.indptr)))
-        detected += np.bincount(counts.indices, minlength=n_genes)
-        value_sum += np.bincount(counts.indices, weights=counts.data, minlength=n_genes)
+        # The kernels that build the pretraining targets: same gene mapping, same values.
+        ptr, genes, counts = gather_csr_rows(*csr_arrays(block), col_to_vocab, rows)
+        values = log_normalize(ptr, counts, row_sums(ptr, counts), NORMALIZE_SCALE)
+        detected += np.bincount(genes, minlength=n_genes)
+        value_sum += np.bincount(genes, weights=values, minlength=n_genes)
     n_cells = float(wanted.sum())
     weight = masking.nonzero_prob * detected + masking.zero_prob * (n_cells - detected)
     expected = np.divide(
