@@ -27,7 +27,7 @@ def _max_genes(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``scxtrimo`` command."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="scxtrimo",

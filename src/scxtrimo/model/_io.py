@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from scxtrimo import __version__
+from scxtrimo._version import __version__
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 

@@ -24,8 +24,8 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
 from tqdm.auto import tqdm
 
-from scxtrimo import __version__
 from scxtrimo._settings import settings
+from scxtrimo._version import __version__
 from scxtrimo.data._loading import iter_inference_batches
 from scxtrimo.data._matrix import as_row_accessible, get_matrix, read_rows
 from scxtrimo.data._tokens import (

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from scxtrimo import __version__
+from scxtrimo._version import __version__
 
 from ._embed import _target, resolve_model
 from ._transfer import _embeddings, _reference_labels, _row_max, _write_labels, knn_vote

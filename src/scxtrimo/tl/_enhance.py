@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from scxtrimo import __version__
+from scxtrimo._version import __version__
 
 from ._embed import _target, resolve_model
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scxtrimo import __version__
+from scxtrimo._version import __version__
 
 from ._embed import _target, resolve_model
 
