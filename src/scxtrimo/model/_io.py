@@ -1,17 +1,32 @@
-"""Safe reading of saved scxtrimo models: metadata checks, tensor-only weights."""
+"""Persistence of a model: its files, their safe reading and atomic writing, its JSON registry."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import tempfile
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
+import numpy as np
+import pandas as pd
 import torch
+from scvi import REGISTRY_KEYS
 
 from scxtrimo._version import __version__
 
+MODEL_FILE = "model.pt"
+METADATA_FILE = "model.json"
+FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
 
 
 def read_metadata(path: Path, expected_class: str) -> dict:
@@ -122,3 +137,155 @@ def load_state_dict_checked(
             "The file is from another model or configuration."
         )
     module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_model_files(
+    weights: Path, metadata_path: Path, state: dict[str, torch.Tensor], metadata: dict
+) -> None:
+    """Write the weights (tensors only) and the metadata (JSON), each atomically."""
+    atomic_write(weights, lambda f: torch.save(state, f))
+    atomic_write(
+        metadata_path, lambda f: f.write(json.dumps(metadata, indent=1, default=str).encode())
+    )
+
+
+def saved_metadata(model: Any) -> dict:
+    """What ``model.json`` records: format, versions, architecture, input settings, history."""
+    return {
+        "format": "scxtrimo-model",
+        "format_version": FORMAT_VERSION,
+        "scxtrimo_version": __version__,
+        "model_class": type(model).__name__,
+        "config": model.config.to_dict(),
+        "setup_args": model.setup_args,
+        "default_target_depth": model.default_target_depth_,
+        "default_max_genes": model.default_max_genes_,
+        "source": model.source_,
+        "seed": model.seed_,
+        "is_trained": bool(model.is_trained_),
+        "training_args": getattr(model, "training_args_", None),
+        "history": history_to_json(model.history_),
+        "registry": jsonable(model.registry_),
+        "classifier": jsonable(model.classifier_),
+        "n_parameters": int(sum(p.numel() for p in model.module.parameters())),
+    }
+
+
+def restore_saved_attributes(model: Any, metadata: dict) -> None:
+    """Set the attributes :func:`saved_metadata` recorded (defaults for older files) on ``model``."""
+    model.default_target_depth_ = metadata.get("default_target_depth", "fold:1")
+    model.default_max_genes_ = metadata.get("default_max_genes")
+    model.source_ = metadata.get("source", "scxtrimo")
+    model.is_trained_ = bool(metadata.get("is_trained", True))
+    model.training_args_ = metadata.get("training_args")
+    if metadata.get("history"):
+        model.history_ = history_from_json(metadata["history"])
+
+
+# ----------------------------------------------------------------------------------------
+# JSON form of the registry, history and classification head
+# ----------------------------------------------------------------------------------------
+
+
+def empty_registry(model_name: str, setup_args: Mapping[str, Any]) -> dict:
+    """A registry for a model without AnnData (inference only)."""
+    return {
+        "scvi_version": "",
+        "model_name": model_name,
+        "setup_method_name": "setup_anndata",
+        "setup_args": dict(setup_args),
+        "field_registries": {},
+    }
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with arrays and numpy scalars as JSON values (arrays keep their dtype)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def from_jsonable(obj: Any) -> Any:
+    """The inverse of :func:`jsonable` for arrays."""
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj.get("dtype") or None)
+        return {k: from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj
+
+
+def registry_from_json(
+    registry: dict | None, model_name: str, setup_args: Mapping[str, Any]
+) -> dict:
+    """The saved registry, or an empty one (with ``setup_args``) if none was saved."""
+    if not registry:
+        return empty_registry(model_name, setup_args)
+    return from_jsonable(registry)
+
+
+def history_to_json(history: dict[str, pd.DataFrame] | None) -> dict | None:
+    """Training history as JSON columns (the epoch index becomes a column)."""
+    if history is None:
+        return None
+    return {k: v.reset_index().to_dict(orient="list") for k, v in history.items()}
+
+
+def history_from_json(history: dict) -> dict[str, pd.DataFrame]:
+    """The inverse of :func:`history_to_json`."""
+    return {
+        k: pd.DataFrame(v).set_index("epoch") if "epoch" in v else pd.DataFrame(v)
+        for k, v in history.items()
+    }
+
+
+def registered_labels(registry: dict | None) -> tuple[str | None, list]:
+    """``(labels_key, categories)`` registered for the labels; ``(None, [])`` without labels."""
+    registry = registry or {}
+    labels_key = (registry.get("setup_args") or {}).get("labels_key")
+    if labels_key is None:
+        return None, []
+    field = (registry.get("field_registries") or {}).get(REGISTRY_KEYS.LABELS_KEY) or {}
+    mapping = (field.get("state_registry") or {}).get("categorical_mapping")
+    if mapping is None:
+        return labels_key, []
+    return labels_key, [c.item() if isinstance(c, np.generic) else c for c in mapping]
+
+
+def classifier_info(labels_key: str | None, categories: Sequence) -> dict:
+    """What the saved model records about its classification head."""
+    return {
+        "labels_key": labels_key,
+        "categories": [c.item() if isinstance(c, np.generic) else c for c in categories],
+        "trained": False,
+        "finetune": None,
+        "n_last_layers": None,
+        "max_genes": None,
+    }

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import tempfile
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -22,88 +18,40 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
-from tqdm.auto import tqdm
 
 from scxtrimo._settings import settings
-from scxtrimo._version import __version__
-from scxtrimo.data._loading import iter_inference_batches
-from scxtrimo.data._matrix import as_row_accessible, get_matrix, read_rows
-from scxtrimo.data._tokens import (
-    InputSpec,
-    MaskingSpec,
-    TargetDepth,
-    TokenIndex,
-    inference_batch,
-)
-from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
-from scxtrimo.data._vocabulary import GeneMapping, load_vocabulary, log_overlap, map_genes
+from scxtrimo.data._matrix import get_matrix
+from scxtrimo.data._tokens import MaskingSpec, TargetDepth, TokenIndex
+from scxtrimo.data._validation import scan_cells
+from scxtrimo.data._vocabulary import log_overlap, map_genes
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
 from scxtrimo.train._datamodule import PretrainingDataModule, PretrainingDataset
 from scxtrimo.train._finetune import FinetuneMode
 from scxtrimo.train._gene_bias import expected_masked_values
 from scxtrimo.train._plan import XTrimoGeneTrainingPlan
 
+from . import _inference
+from ._inference import SETUP_DEFAULTS, InvalidCells, Pooling, PreparedInput
+from ._io import (
+    METADATA_FILE,
+    MODEL_FILE,
+    classifier_info,
+    empty_registry,
+    load_state_dict_checked,
+    read_metadata,
+    read_state_dict,
+    registered_labels,
+    registry_from_json,
+    restore_saved_attributes,
+    saved_metadata,
+    write_model_files,
+)
+
 logger = logging.getLogger("scxtrimo")
 
-Pooling = Literal["all", "max", "mean"]
-InvalidCells = Literal["raise", "skip"]
+__all__ = ["PreparedInput", "XTrimoGene"]
 
-MODEL_FILE = "model.pt"
-METADATA_FILE = "model.json"
-FORMAT_VERSION = 1
 TOTAL_COUNTS_KEY = "total_counts"
-
-_SETUP_DEFAULTS = {
-    "layer": None,
-    "gene_symbols_key": None,
-    "gene_ids_key": None,
-    "input_type": "counts",
-    "total_counts_key": None,
-}
-
-
-@dataclass
-class PreparedInput:
-    """A validated AnnData, ready to be streamed through the model.
-
-    Returned by :meth:`~scxtrimo.model.XTrimoGene.prepare_input`, which runs every input check
-    once, before any model work; the tools (:func:`~scxtrimo.tl.embed`,
-    :func:`~scxtrimo.tl.annotate`...) then stream the cells through the network. Inspect it to
-    see what a call would use (which cells, which genes, at which target depth) without running
-    the model.
-
-    Attributes
-    ----------
-    matrix
-        The cells x genes matrix read (``X`` or the layer), in memory or backed; not a copy.
-    mapping
-        How the AnnData's genes map onto the model vocabulary, from
-        :func:`~scxtrimo.data.map_genes`.
-    stats
-        Per-cell totals and token counts, from :func:`~scxtrimo.data.scan_cells` (for
-        log-normalised input with ``total_counts_key``, the totals are the given ones).
-    spec
-        How values become tokens: input type, target depth ``T``, ``max_genes``, scale.
-    cells
-        Rows of the AnnData to stream, in the requested order, without the skipped ones.
-    skipped
-        Rows left out because the model cannot embed them (see
-        :func:`~scxtrimo.data.invalid_cells`); empty unless ``invalid="skip"``.
-    total_counts
-        Per-cell total counts from ``obs[total_counts_key]``, or ``None``.
-    """
-
-    matrix: Any
-    mapping: GeneMapping
-    stats: CellStats
-    spec: InputSpec
-    cells: np.ndarray
-    skipped: np.ndarray
-    total_counts: np.ndarray | None
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
@@ -154,16 +102,16 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         **overrides,
     ) -> None:
         if adata is None and registry is None:
-            registry = _empty_registry(type(self).__name__)
+            registry = empty_registry(type(self).__name__, SETUP_DEFAULTS)
         super().__init__(adata, registry=registry)
         cfg = get_config(config, **overrides)
         seed = settings.seed if seed is None else seed
-        labels_key, categories = _registered_labels(self.registry_)
+        labels_key, categories = registered_labels(self.registry_)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = self._module_cls(cfg, n_labels=len(categories))
         self.module.eval()
-        self.classifier_ = _classifier_info(labels_key, categories) if categories else None
+        self.classifier_ = classifier_info(labels_key, categories) if categories else None
         self.config_ = cfg.to_dict()
         self.default_target_depth_ = "fold:1"
         # Cap on gene tokens per cell at inference: the cap the model was pretrained with.
@@ -224,30 +172,13 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        if input_type not in ("counts", "log1p"):
-            raise ValueError(f"input_type must be 'counts' or 'log1p', not {input_type!r}.")
-        for key, what in (
-            (batch_key, "batch_key"),
-            (labels_key, "labels_key"),
-            (total_counts_key, "total_counts_key"),
-        ):
-            if key is not None and key not in adata.obs.columns:
-                raise KeyError(
-                    f"{what}={key!r} is not a column of adata.obs. Available columns: "
-                    f"{list(adata.obs.columns) or 'none'}."
-                )
-        if labels_key is not None and adata.obs[labels_key].isna().any():
-            n_missing = int(adata.obs[labels_key].isna().sum())
-            raise ValueError(
-                f"obs[{labels_key!r}] has {n_missing} missing labels. Fine-tune on the labelled "
-                f"cells only (adata[adata.obs[{labels_key!r}].notna()].copy()) or give them a "
-                "category of their own."
-            )
-        if input_type == "counts" and total_counts_key is not None:
-            raise ValueError(
-                "total_counts_key is only used with input_type='log1p'; with raw counts the "
-                "depth is the sum of the counts on vocabulary genes."
-            )
+        _inference.check_setup_arguments(
+            adata,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            input_type=input_type,
+            total_counts_key=total_counts_key,
+        )
         mapping = map_genes(adata.var, gene_symbols_key=gene_symbols_key, gene_ids_key=gene_ids_key)
         stats = scan_cells(
             get_matrix(adata, layer),
@@ -285,9 +216,9 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
     @property
     def setup_args(self) -> dict:
         """How the model reads an AnnData (layer, gene keys, input type)."""
-        args = dict(_SETUP_DEFAULTS)
+        args = dict(SETUP_DEFAULTS)
         saved = (self.registry_ or {}).get("setup_args", {}) or {}
-        args.update({k: saved[k] for k in _SETUP_DEFAULTS if k in saved})
+        args.update({k: saved[k] for k in SETUP_DEFAULTS if k in saved})
         return args
 
     @property
@@ -340,7 +271,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         self._register_manager_for_instance(self._adata_manager)
         self.registry_ = self._adata_manager._registry
         self.summary_stats = AnnDataManager._get_summary_stats_from_registry(self.registry_)
-        _, categories = _registered_labels(self.registry_)
+        _, categories = registered_labels(self.registry_)
         self._set_classifier(categories, labels_key, seed=seed)
 
     def _update_summary(self) -> None:
@@ -374,7 +305,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             head = torch.nn.Linear(4 * self.config.encoder_dim, len(categories))
         module.classifier = head.to(device)
         module.n_labels = len(categories)
-        self.classifier_ = {**_classifier_info(labels_key, categories), **(info or {})}
+        self.classifier_ = {**classifier_info(labels_key, categories), **(info or {})}
         self._update_summary()
 
     # ------------------------------------------------------------------------------------
@@ -395,26 +326,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
 
     @default_max_genes.setter
     def default_max_genes(self, value: int | None) -> None:
-        self.default_max_genes_ = self._check_max_genes(value)
-
-    @staticmethod
-    def _check_max_genes(value: int | None) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"max_genes must be a positive integer, None or 'all'; got {value!r}.")
-        return int(value)
-
-    def _resolve_max_genes(self, max_genes: int | Literal["all"] | None) -> int | None:
-        if max_genes is None:
-            return self.default_max_genes_
-        if isinstance(max_genes, str):
-            if max_genes != "all":
-                raise ValueError(
-                    f"max_genes must be a positive integer, None or 'all'; got {max_genes!r}."
-                )
-            return None
-        return self._check_max_genes(max_genes)
+        self.default_max_genes_ = _inference.check_max_genes(value)
 
     def prepare_input(
         self,
@@ -460,91 +372,23 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             If the input fails a check (bad values, too few vocabulary genes, cells that cannot
             be embedded with ``invalid="raise"``); the message says how to fix it.
         """
-        unknown = set(setup_overrides) - set(_SETUP_DEFAULTS)
-        if unknown:
-            raise TypeError(f"Unexpected arguments: {sorted(unknown)}.")
-        args = self.setup_args
-        args.update({k: v for k, v in setup_overrides.items() if v is not None})
-        if invalid not in ("raise", "skip"):
-            raise ValueError(f"invalid_cells must be 'raise' or 'skip', not {invalid!r}.")
-        vocab = load_vocabulary()
-        if self.config.n_genes != vocab.n_genes:
-            raise ValueError(
-                f"This model has {self.config.n_genes} genes but the vocabulary has "
-                f"{vocab.n_genes}; only models on the scFoundation vocabulary can read AnnData."
-            )
-        matrix = get_matrix(adata, args["layer"])
-        mapping = map_genes(
-            adata.var,
-            gene_symbols_key=args["gene_symbols_key"],
-            gene_ids_key=args["gene_ids_key"],
+        return _inference.prepare_input(
+            adata,
+            self.setup_args,
+            setup_overrides,
+            n_genes=self.config.n_genes,
+            default_target_depth=self.default_target_depth_,
+            default_max_genes=self.default_max_genes_,
+            indices=indices,
+            target_depth=target_depth,
+            max_genes=max_genes,
+            invalid=invalid,
             min_overlap=min_overlap,
         )
-        total_counts = None
-        if args["total_counts_key"] is not None:
-            key = args["total_counts_key"]
-            if key not in adata.obs.columns:
-                raise KeyError(f"total_counts_key={key!r} is not a column of adata.obs.")
-            total_counts = adata.obs[key].to_numpy(dtype=np.float64)
-            bad = ~np.isfinite(total_counts) | (total_counts < 1)
-            if bad.any():
-                raise ValueError(
-                    f"obs[{key!r}] must hold total counts >= 1; {int(bad.sum())} cells do not "
-                    f"(e.g. {list(adata.obs_names[bad][:3])})."
-                )
-        n_obs = adata.n_obs
-        cells = np.arange(n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
-        if cells.size and (cells.min() < 0 or cells.max() >= n_obs):
-            raise IndexError(f"indices must be in [0, {n_obs}); got {cells.min()}..{cells.max()}.")
-        stats = scan_cells(
-            matrix,
-            mapping.col_to_vocab,
-            input_type=args["input_type"],
-            obs_names=adata.obs_names,
-            var_names=adata.var_names,
-            rows=None if indices is None else cells,
-        )
-        log_overlap(mapping, stats.count_fraction)
-        if total_counts is not None and args["input_type"] == "log1p":
-            # S comes from the given totals, so validity is judged on them.
-            stats = CellStats(total_counts, stats.n_tokens, stats.count_fraction)
-        bad = np.intersect1d(invalid_cells(stats, args["input_type"]), cells)
-        if bad.size and invalid == "raise":
-            raise ValueError(invalid_cells_message(bad, adata.obs_names, stats))
-        if bad.size:
-            logger.warning("Skipping %d cells with fewer than 2 in-vocabulary counts.", bad.size)
-            cells = cells[~np.isin(cells, bad)]
-        if args["input_type"] == "log1p" and total_counts is None:
-            warnings.warn(
-                "Log-normalised input without total_counts_key: S is set to log10 of the sum of "
-                "the given values, as the official scFoundation code does; that is not the "
-                "cell's read depth. Pass total_counts_key=<obs column of total counts> for "
-                "depth-aware embeddings.",
-                UserWarning,
-                stacklevel=3,
-            )
-        scale = 1e4
-        if args["input_type"] == "bulk":
-            # Official bulk rule: every sample scaled to the median library size of the data.
-            scale = float(np.median(stats.totals))
-        spec = InputSpec(
-            input_type=args["input_type"],
-            target_depth=TargetDepth.parse(
-                self.default_target_depth_ if target_depth is None else target_depth
-            ),
-            max_genes=self._resolve_max_genes(max_genes),
-            scale=scale,
-        )
-        return PreparedInput(matrix, mapping, stats, spec, cells, bad, total_counts)
 
     # ------------------------------------------------------------------------------------
     # Inference
     # ------------------------------------------------------------------------------------
-
-    def _device(self, device: str | torch.device | None) -> torch.device:
-        if device is None:
-            return next(self.module.parameters()).device
-        return settings.resolve_device(str(device))
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -633,7 +477,6 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             rows=requested,
         )
 
-    @torch.inference_mode()
     def _latent_from_prepared(
         self,
         prep: PreparedInput,
@@ -646,69 +489,18 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         progress_bar: bool | None,
         rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Embeddings of ``prep.cells`` at ``rows`` (default: every row of the AnnData).
-
-        The result has one row per entry of ``rows``, NaN for rows that are not in
-        ``prep.cells`` (skipped cells). Memory follows the cells embedded, not ``n_obs``.
-        """
-        if pooling not in ("all", "max", "mean"):
-            raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
-        dev = self._device(device)
-        module = self.module.to(dev).eval()
-        width = (4 if pooling == "all" else 1) * self.config.encoder_dim
-        unique_cells = np.unique(prep.cells)
-        by_cell = np.empty((len(unique_cells), width), dtype=np.float32)
-        use_autocast = dev.type == "cuda" and (autocast is None or autocast)
-        show = settings.progress_bar if progress_bar is None else progress_bar
-
-        def run(tokens: dict[str, np.ndarray]) -> np.ndarray:
-            batch = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in tokens.items()}
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-                h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-                z = module.pool(h, batch["padding_mask"], pooling)
-            return z.float().cpu().numpy()
-
-        def run_splitting(tokens: dict[str, np.ndarray]) -> np.ndarray:
-            try:
-                return run(tokens)
-            except (RuntimeError, torch.OutOfMemoryError) as err:
-                n = tokens["gene_index"].shape[0]
-                if not _is_oom(err) or n == 1:
-                    raise
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                logger.warning("Out of memory on a batch of %d cells; retrying in halves.", n)
-                half = n // 2
-                first = {k: v[:half] for k, v in tokens.items()}
-                second = {k: v[half:] for k, v in tokens.items()}
-                return np.concatenate([run_splitting(first), run_splitting(second)])
-
-        batches = iter_inference_batches(
-            prep.matrix,
-            prep.mapping.col_to_vocab,
-            prep.stats.n_tokens,
-            prep.spec,
-            TokenIndex(self.config.n_genes),
-            cells=unique_cells,
-            total_counts=prep.total_counts,
+        """Embeddings of checked input: :func:`~scxtrimo.model._inference.latent_from_prepared`."""
+        return _inference.latent_from_prepared(
+            self.module,
+            prep,
             batch_size=batch_size,
+            pooling=pooling,
             max_tokens=max_tokens,
+            device=device,
+            autocast=autocast,
+            progress_bar=progress_bar,
+            rows=rows,
         )
-        with tqdm(
-            total=len(unique_cells), desc="Embedding cells", unit="cell", disable=not show
-        ) as bar:
-            for batch in batches:
-                by_cell[np.searchsorted(unique_cells, batch.cells)] = run_splitting(batch.tokens)
-                bar.update(len(batch.cells))
-        rows = np.arange(prep.matrix.shape[0]) if rows is None else np.asarray(rows, np.int64)
-        if np.array_equal(rows, unique_cells):
-            return by_cell  # every row embedded, in order: no second copy
-        position = np.searchsorted(unique_cells, rows)
-        found = position < len(unique_cells)
-        found[found] = unique_cells[position[found]] == rows[found]
-        out = np.full((len(rows), width), np.nan, dtype=np.float32)
-        out[found] = by_cell[position[found]]
-        return out
 
     def get_gene_embeddings(
         self,
@@ -760,11 +552,8 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         -------
         DataFrame (context-free) or array ``[cells, genes, decoder_dim]``.
         """
-        vocab = load_vocabulary()
         if adata is None:
-            weight = self.module.gene_embedding_table().detach().float().cpu().numpy()
-            frame = pd.DataFrame(weight[: vocab.n_genes], index=vocab.symbols.copy())
-            return frame if genes is None else frame.loc[list(genes)]
+            return _inference.gene_embedding_table(self.module, genes)
         parts = [
             part
             for _, part in self.iter_gene_embeddings(
@@ -867,59 +656,23 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        vocab = load_vocabulary()
-        if genes is None:
-            gene_idx = np.arange(vocab.n_genes)
-        else:
-            lookup = pd.Series(np.arange(vocab.n_genes), index=vocab.symbols)
-            missing = [g for g in genes if g not in lookup.index]
-            if missing:
-                raise KeyError(
-                    f"{len(missing)} genes are not in the vocabulary, e.g. {missing[:5]}."
-                )
-            gene_idx = lookup.loc[list(genes)].to_numpy()
+        gene_positions = _inference.vocabulary_positions(genes)
         if prep is None:
             prep = self.prepare_input(
                 adata, indices=indices, target_depth=target_depth, **setup_overrides
             )
         elif indices is not None:
             prep = dataclasses.replace(prep, cells=np.asarray(indices, dtype=np.int64))
-        dev = self._device(device)
-        module = self.module.to(dev).eval()
-        genes_t = torch.as_tensor(gene_idx, dtype=torch.int64, device=dev)
-        index = TokenIndex(self.config.n_genes)
-        show = settings.progress_bar if progress_bar is None else progress_bar
-        matrix = as_row_accessible(prep.matrix)
-        cells = prep.cells
-        with tqdm(total=len(cells), desc="Decoding cells", unit="cell", disable=not show) as bar:
-            for start in range(0, len(cells), batch_size):
-                chunk = cells[start : start + batch_size]
-                order = np.argsort(chunk)
-                rows = chunk[order]
-                block = read_rows(matrix, int(rows[0]), int(rows[-1]) + 1)
-                totals = None if prep.total_counts is None else prep.total_counts[chunk]
-                tokens = inference_batch(
-                    block,
-                    rows - rows[0],
-                    prep.mapping.col_to_vocab,
-                    prep.spec,
-                    index,
-                    None if totals is None else totals[order],
-                )
-                batch = {k: torch.from_numpy(v).to(dev) for k, v in tokens.items()}
-                h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-                fn = module.gene_embeddings if output == "embeddings" else module.expression
-                out = fn(
-                    h,
-                    batch["gene_index"],
-                    batch["padding_mask"],
-                    key_stabilizer=key_stabilizer,
-                    genes=genes_t,
-                )
-                restore = np.empty_like(order)
-                restore[order] = np.arange(len(order))
-                yield chunk, out.float().cpu().numpy()[restore]
-                bar.update(len(chunk))
+        yield from _inference.iter_decoder(
+            self.module,
+            prep,
+            output=output,
+            gene_positions=gene_positions,
+            batch_size=batch_size,
+            key_stabilizer=key_stabilizer,
+            device=device,
+            progress_bar=progress_bar,
+        )
 
     # ------------------------------------------------------------------------------------
     # Training
@@ -1162,32 +915,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
                 raise ValueError("save_anndata=True but the model has no AnnData.")
             self.adata.write_h5ad(path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        history = None
-        if self.history_ is not None:
-            history = {k: v.reset_index().to_dict(orient="list") for k, v in self.history_.items()}
-        metadata = {
-            "format": "scxtrimo-model",
-            "format_version": FORMAT_VERSION,
-            "scxtrimo_version": __version__,
-            "model_class": type(self).__name__,
-            "config": self.config.to_dict(),
-            "setup_args": self.setup_args,
-            "default_target_depth": self.default_target_depth_,
-            "default_max_genes": self.default_max_genes_,
-            "source": self.source_,
-            "seed": self.seed_,
-            "is_trained": bool(self.is_trained_),
-            "training_args": getattr(self, "training_args_", None),
-            "history": history,
-            "registry": _jsonable(self.registry_),
-            "classifier": _jsonable(self.classifier_),
-            "n_parameters": int(sum(p.numel() for p in self.module.parameters())),
-        }
-        _atomic_write(weights, lambda f: torch.save(state, f))
-        _atomic_write(
-            path / f"{prefix}{METADATA_FILE}",
-            lambda f: f.write(json.dumps(metadata, indent=1, default=str).encode()),
-        )
+        write_model_files(weights, path / f"{prefix}{METADATA_FILE}", state, saved_metadata(self))
 
     @classmethod
     def load(
@@ -1215,14 +943,12 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         prefix
             File-name prefix used when saving.
         """
-        from ._io import load_state_dict_checked, read_metadata, read_state_dict
-
         path = Path(dir_path)
         prefix = prefix or ""
         metadata = read_metadata(path / f"{prefix}{METADATA_FILE}", expected_class=cls.__name__)
         config = XTrimoGeneConfig.from_dict(metadata["config"])
         state = read_state_dict(path / f"{prefix}{MODEL_FILE}")
-        registry = _registry_from_json(metadata.get("registry"), cls.__name__)
+        registry = registry_from_json(metadata.get("registry"), cls.__name__, SETUP_DEFAULTS)
         classifier = metadata.get("classifier") or None
         if adata is not None:
             setup = {k: v for k, v in metadata["setup_args"].items() if v is not None}
@@ -1241,16 +967,7 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             info=classifier,
         )
         load_state_dict_checked(model.module, state, source=str(path / f"{prefix}{MODEL_FILE}"))
-        model.default_target_depth_ = metadata.get("default_target_depth", "fold:1")
-        model.default_max_genes_ = metadata.get("default_max_genes")
-        model.source_ = metadata.get("source", "scxtrimo")
-        model.is_trained_ = bool(metadata.get("is_trained", True))
-        model.training_args_ = metadata.get("training_args")
-        if metadata.get("history"):
-            model.history_ = {
-                k: pd.DataFrame(v).set_index("epoch") if "epoch" in v else pd.DataFrame(v)
-                for k, v in metadata["history"].items()
-            }
+        restore_saved_attributes(model, metadata)
         model.to_device(settings.resolve_device(device))
         model.module.eval()
         return model
@@ -1285,7 +1002,6 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         device
             Device to put the model on.
         """
-        from ._io import load_state_dict_checked
         from ._scfoundation import LICENSE_NOTICE, read_scfoundation_checkpoint
 
         config, state, _meta = read_scfoundation_checkpoint(path, checkpoint=checkpoint)
@@ -1302,87 +1018,3 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         model.to_device(settings.resolve_device(device))
         model.module.eval()
         return model
-
-
-# ----------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------
-
-
-def _empty_registry(model_name: str) -> dict:
-    """A registry for a model without AnnData (inference only)."""
-    return {
-        "scvi_version": "",
-        "model_name": model_name,
-        "setup_method_name": "setup_anndata",
-        "setup_args": dict(_SETUP_DEFAULTS),
-        "field_registries": {},
-    }
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)
-
-
-def _from_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if "__ndarray__" in obj:
-            return np.asarray(obj["__ndarray__"], dtype=obj.get("dtype") or None)
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_jsonable(v) for v in obj]
-    return obj
-
-
-def _registry_from_json(registry: dict | None, model_name: str) -> dict:
-    if not registry:
-        return _empty_registry(model_name)
-    return _from_jsonable(registry)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _registered_labels(registry: dict | None) -> tuple[str | None, list]:
-    """``(labels_key, categories)`` registered for the labels; ``(None, [])`` without labels."""
-    registry = registry or {}
-    labels_key = (registry.get("setup_args") or {}).get("labels_key")
-    if labels_key is None:
-        return None, []
-    field = (registry.get("field_registries") or {}).get(REGISTRY_KEYS.LABELS_KEY) or {}
-    mapping = (field.get("state_registry") or {}).get("categorical_mapping")
-    if mapping is None:
-        return labels_key, []
-    return labels_key, [c.item() if isinstance(c, np.generic) else c for c in mapping]
-
-
-def _classifier_info(labels_key: str | None, categories: Sequence) -> dict:
-    """What the saved model records about its classification head."""
-    return {
-        "labels_key": labels_key,
-        "categories": [c.item() if isinstance(c, np.generic) else c for c in categories],
-        "trained": False,
-        "finetune": None,
-        "n_last_layers": None,
-        "max_genes": None,
-    }
