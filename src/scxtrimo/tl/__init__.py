@@ -5,6 +5,7 @@ from ._embed import embed, resolve_model
 from ._enhance import enhance
 from ._evaluate import knn_accuracy, pca_baseline
 from ._genes import cluster_genes, context_gene_embeddings, gene_embeddings, gene_modules
+from ._perturbation import predict_perturbation
 from ._transfer import knn_vote, transfer_labels
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "knn_accuracy",
     "knn_vote",
     "pca_baseline",
+    "predict_perturbation",
     "predict_proba",
     "resolve_model",
     "transfer_labels",
