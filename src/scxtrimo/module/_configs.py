@@ -11,6 +11,28 @@ from typing import Any, Literal
 __all__ = ["CONFIGS", "XTrimoGeneConfig", "get_config"]
 
 _ACTIVATIONS = ("relu", "gelu")
+# The size fields: one row of the named-configuration table (see CONFIGS).
+_SIZE_FIELDS = (
+    "encoder_dim",
+    "encoder_depth",
+    "encoder_heads",
+    "encoder_ff_dim",
+    "decoder_dim",
+    "decoder_depth",
+    "decoder_heads",
+    "decoder_dim_head",
+    "decoder_ff_dim",
+)
+
+
+def _past_vocabulary(offset: int, doc: str) -> property:
+    """A read-only ``n_genes + offset``: a position of the token layout past the genes."""
+
+    def get(self: XTrimoGeneConfig) -> int:
+        return self.n_genes + offset
+
+    get.__doc__ = doc
+    return property(get, doc=doc)
 
 
 @dataclass(frozen=True)
@@ -110,19 +132,7 @@ class XTrimoGeneConfig:
     visible_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        positive = (
-            "n_genes",
-            "bin_num",
-            "encoder_dim",
-            "encoder_depth",
-            "encoder_heads",
-            "encoder_ff_dim",
-            "decoder_dim",
-            "decoder_depth",
-            "decoder_heads",
-            "decoder_dim_head",
-            "decoder_ff_dim",
-        )
+        positive = ("n_genes", "bin_num", *_SIZE_FIELDS)
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -161,30 +171,16 @@ class XTrimoGeneConfig:
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
 
     # -- derived constants ------------------------------------------------------------------------
-    @property
-    def t_token_index(self) -> int:
-        """Gene index of the target-resolution token **T**."""
-        return self.n_genes
-
-    @property
-    def s_token_index(self) -> int:
-        """Gene index of the source read-depth token **S**."""
-        return self.n_genes + 1
-
-    @property
-    def padding_index(self) -> int:
-        """Gene index of padded encoder positions."""
-        return self.n_genes + 2
-
-    @property
-    def seq_len(self) -> int:
-        """Number of decoder positions: every gene plus the T and S tokens."""
-        return self.n_genes + 2
-
-    @property
-    def n_gene_embeddings(self) -> int:
-        """Rows of the gene-embedding table (genes, T, S and the padding row)."""
-        return self.n_genes + 3
+    # The layout past the gene vocabulary, as a table of offsets from ``n_genes``.
+    t_token_index = _past_vocabulary(0, "Gene index of the target-resolution token **T**.")
+    s_token_index = _past_vocabulary(1, "Gene index of the source read-depth token **S**.")
+    padding_index = _past_vocabulary(2, "Gene index of padded encoder positions.")
+    seq_len = _past_vocabulary(
+        2, "Number of decoder positions: every gene plus the T and S tokens."
+    )
+    n_gene_embeddings = _past_vocabulary(
+        3, "Rows of the gene-embedding table (genes, T, S and the padding row)."
+    )
 
     @property
     def nb_features(self) -> int:
@@ -263,6 +259,35 @@ class XTrimoGeneConfig:
         return type(self).from_dict({**self.to_dict(), **overrides})
 
 
+# The named configurations as a table: the sizes, then the recipe each one follows.
+_SIZES = {
+    # name:        encoder dim, depth, heads, ff; decoder dim, depth, heads, head width, ff
+    "tiny": (32, 2, 2, 64, 16, 1, 2, 8, 32),
+    "small": (128, 4, 4, 512, 32, 1, 4, 8, 64),
+    "base": (256, 6, 8, 1024, 64, 2, 4, 16, 128),
+    "scfoundation": (768, 12, 12, 3072, 512, 6, 8, 64, 2048),
+}
+_SHORT_CPU_RECIPE = {
+    "encoder_norm_first": True,
+    "encoder_dropout": 0.0,
+    "expression_gene_bias": True,
+    "visible_loss_weight": 1.0,
+}
+# Spelled out in full, so that the released model does not move with the field defaults.
+_SCFOUNDATION_RECIPE = {
+    "n_genes": 19264,
+    "bin_num": 100,
+    "bin_alpha": 1.0,
+    "encoder_norm_first": False,
+    "encoder_activation": "relu",
+    "encoder_dropout": 0.1,
+    "encoder_attention_dropout": 0.1,
+    "decoder_nb_features": 266,
+    "expression_gene_bias": False,
+    "visible_loss_weight": 0.0,
+}
+
+
 #: Named configurations (``n_genes`` = 19,264). Trainable parameters without a classifier, and
 #: state-dict buffers (random projections + redraw counter):
 #:
@@ -289,63 +314,11 @@ class XTrimoGeneConfig:
 #: of a small model are far from over-fitting), a per-gene expression bias
 #: (``expression_gene_bias``) and a loss on the visible genes too (``visible_loss_weight``).
 CONFIGS: dict[str, XTrimoGeneConfig] = {
-    "tiny": XTrimoGeneConfig(
-        encoder_dim=32,
-        encoder_depth=2,
-        encoder_heads=2,
-        encoder_ff_dim=64,
-        encoder_norm_first=True,
-        encoder_dropout=0.0,
-        decoder_dim=16,
-        decoder_depth=1,
-        decoder_heads=2,
-        decoder_dim_head=8,
-        decoder_ff_dim=32,
-        expression_gene_bias=True,
-        visible_loss_weight=1.0,
-    ),
-    "small": XTrimoGeneConfig(
-        encoder_norm_first=True,
-        encoder_dropout=0.0,
-        expression_gene_bias=True,
-        visible_loss_weight=1.0,
-    ),
-    "base": XTrimoGeneConfig(
-        encoder_dim=256,
-        encoder_depth=6,
-        encoder_heads=8,
-        encoder_ff_dim=1024,
-        encoder_norm_first=True,
-        encoder_dropout=0.0,
-        decoder_dim=64,
-        decoder_depth=2,
-        decoder_heads=4,
-        decoder_dim_head=16,
-        decoder_ff_dim=128,
-        expression_gene_bias=True,
-        visible_loss_weight=1.0,
-    ),
-    "scfoundation": XTrimoGeneConfig(
-        n_genes=19264,
-        bin_num=100,
-        bin_alpha=1.0,
-        encoder_dim=768,
-        encoder_depth=12,
-        encoder_heads=12,
-        encoder_ff_dim=3072,
-        encoder_norm_first=False,
-        encoder_activation="relu",
-        encoder_dropout=0.1,
-        encoder_attention_dropout=0.1,
-        decoder_dim=512,
-        decoder_depth=6,
-        decoder_heads=8,
-        decoder_dim_head=64,
-        decoder_ff_dim=2048,
-        decoder_nb_features=266,
-        expression_gene_bias=False,
-        visible_loss_weight=0.0,
-    ),
+    name: XTrimoGeneConfig(
+        **dict(zip(_SIZE_FIELDS, sizes)),
+        **(_SCFOUNDATION_RECIPE if name == "scfoundation" else _SHORT_CPU_RECIPE),
+    )
+    for name, sizes in _SIZES.items()
 }
 
 

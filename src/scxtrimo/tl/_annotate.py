@@ -8,23 +8,13 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from scxtrimo._version import __version__
-
-from ._embed import _target, resolve_model
+from ._common import copied_if, is_data, record, resolve_model, setup_overrides, target_of
 from ._transfer import _embeddings, _reference_labels, _row_max, _write_labels, knn_vote
 
 if TYPE_CHECKING:
     from mudata import MuData
 
     from scxtrimo.model import XTrimoGene
-
-
-def _is_data(obj) -> bool:
-    try:
-        from mudata import MuData
-    except ImportError:  # pragma: no cover - mudata is a dependency
-        MuData = ()  # type: ignore[assignment]
-    return isinstance(obj, AnnData | MuData)
 
 
 def predict_proba(
@@ -182,22 +172,13 @@ def annotate(
     >>> scxtrimo.tl.annotate(query, model)
     >>> query.obs[["scxtrimo_label", "scxtrimo_label_confidence"]]
     """
-    if copy:
-        if getattr(query, "isbacked", False):
-            raise ValueError("copy=True is not possible for a backed AnnData; use copy=False.")
-        query = query.copy()
-    target = _target(query, mod)
-    overrides = {
-        "layer": layer,
-        "gene_symbols_key": gene_symbols_key,
-        "gene_ids_key": gene_ids_key,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
-    }
-    if _is_data(model_or_reference):
+    query = copied_if(query, copy)
+    target = target_of(query, mod)
+    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
+    if is_data(model_or_reference):
         if labels_key is None:
             raise ValueError("Annotating from a reference AnnData needs labels_key=<obs column>.")
-        ref = _target(model_or_reference, mod)
+        ref = target_of(model_or_reference, mod)
         labels = _reference_labels(ref, labels_key)
         q_emb, r_emb, source = _embeddings(
             target,
@@ -247,9 +228,5 @@ def annotate(
     _write_labels(target, key_added, classes, probabilities)
     target.obs[f"{key_added}_confidence"] = _row_max(probabilities)
     target.obsm[f"{key_added}_probabilities"] = probabilities
-    target.uns.setdefault("scxtrimo", {})[key_added] = {
-        **params,
-        "classes": [str(c) for c in classes],
-        "scxtrimo_version": __version__,
-    }
+    record(target, key_added, {**params, "classes": [str(c) for c in classes]})
     return query if copy else None

@@ -3,70 +3,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from anndata import AnnData
 
-from scxtrimo._version import __version__
+from ._common import record, resolve_model, setup_overrides, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
 
     from scxtrimo.model import XTrimoGene
 
-ModelLike = "XTrimoGene | str | os.PathLike | None"
-
-
-def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene:
-    """Turn what a user passed as ``model`` into an :class:`~scxtrimo.model.XTrimoGene`.
-
-    Parameters
-    ----------
-    model
-        An :class:`~scxtrimo.model.XTrimoGene`; a directory written by
-        :meth:`~scxtrimo.model.XTrimoGene.save`; the official scFoundation checkpoint file
-        (``models.ckpt``, its ``"cell"`` sub-model); or ``None`` for the pretrained model
-        shipped with scxtrimo.
-    device
-        Device for a model loaded here.
-    """
-    from scxtrimo.model import XTrimoGene
-
-    if isinstance(model, XTrimoGene):
-        return model
-    if model is None:
-        from scxtrimo.model._pretrained import load_default_model
-
-        return load_default_model(device=device)
-    if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if path.is_dir():
-            return XTrimoGene.load(path, device=device)
-        if path.is_file():
-            return XTrimoGene.from_scfoundation(path, checkpoint="cell", device=device)
-        raise FileNotFoundError(
-            f"model={str(model)!r} does not exist. Pass an XTrimoGene, a folder written by "
-            "XTrimoGene.save, the scFoundation 'models.ckpt' file, or None for the default model."
-        )
-    raise TypeError(f"model must be an XTrimoGene, a path or None, not {type(model).__name__}.")
-
-
-def _target(adata: AnnData | MuData, mod: str | None) -> AnnData:
-    try:
-        from mudata import MuData
-    except ImportError:  # pragma: no cover - mudata is a dependency
-        MuData = ()  # type: ignore[assignment]
-    if isinstance(adata, MuData):
-        if mod not in adata.mod:
-            raise KeyError(
-                f"mod={mod!r} is not a modality of this MuData; modalities: {list(adata.mod)}."
-            )
-        return adata.mod[mod]
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"Expected an AnnData or MuData, got {type(adata).__name__}.")
-    return adata
+# resolve_model lives with the shared preamble; tl and the tools import it from here too.
+__all__ = ["embed", "resolve_model"]
 
 
 def embed(
@@ -160,26 +110,10 @@ def embed(
     >>> sc.pp.neighbors(adata, use_rep="X_scxtrimo")
     >>> sc.tl.umap(adata)
     """
-    if copy:
-        if getattr(adata, "isbacked", False):
-            raise ValueError("copy=True is not possible for a backed AnnData; use copy=False.")
-        adata = adata.copy()
-    target = _target(adata, mod)
-    net = resolve_model(model, device=device)
-    overrides = {
-        "layer": layer,
-        "gene_symbols_key": gene_symbols_key,
-        "gene_ids_key": gene_ids_key,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
-    }
-    prep = net.prepare_input(
-        target,
-        target_depth=target_depth,
-        max_genes=max_genes,
-        invalid=invalid_cells,
-        **overrides,
-    )
+    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
+    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
+    adata, target, net = run.adata, run.target, run.model
+    prep = run.prepare(target_depth=target_depth, max_genes=max_genes, invalid=invalid_cells)
     emb = net._latent_from_prepared(
         prep,
         batch_size=batch_size,
@@ -200,10 +134,9 @@ def embed(
         "layer": net.setup_args["layer"] if layer is None else layer,
         "n_skipped_cells": int(prep.skipped.size),
         "embedding_width": int(emb.shape[1]),
-        "scxtrimo_version": __version__,
         "gene_overlap": prep.mapping.summary(prep.stats.count_fraction),
     }
-    target.uns.setdefault("scxtrimo", {})[key_added] = params
+    record(target, key_added, params)
     if target is not adata:  # MuData: also where scverse tools look for joint embeddings
         adata.obsm[key_added] = _expand_to_mudata(adata, target, emb, mod)
     return adata if copy else None

@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from scxtrimo._version import __version__
-
-from ._embed import _target, resolve_model
+from ._common import record, setup_overrides, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -127,19 +125,11 @@ def enhance(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if copy:
-        adata = adata.copy()
-    target = _target(adata, mod)
-    net = resolve_model(model, device=device)
-    overrides = {
-        "layer": layer,
-        "gene_symbols_key": gene_symbols_key,
-        "gene_ids_key": gene_ids_key,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
-    }
+    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
+    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
+    adata, target, net = run.adata, run.target, run.model
     # Validate everything (genes, cells) before the long decoder run.
-    prep = net.prepare_input(target, target_depth=target_depth, invalid=invalid_cells, **overrides)
+    prep = run.prepare(target_depth=target_depth, invalid=invalid_cells)
     cols, outside = _selected_columns(target, prep.mapping.col_to_vocab, genes)
     from scxtrimo.data._vocabulary import load_vocabulary
 
@@ -169,9 +159,8 @@ def enhance(
         "n_genes_filled": int(cols.size),
         "genes_outside_vocabulary": outside,
         "n_skipped_cells": int(prep.skipped.size),
-        "scxtrimo_version": __version__,
     }
     if genes is not None:
         info["genes"] = [str(g) for g in target.var_names[cols]]
-    target.uns.setdefault("scxtrimo", {})[key_added] = info
+    record(target, key_added, info)
     return adata if copy else None

@@ -11,9 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scxtrimo._version import __version__
-
-from ._embed import _target, resolve_model
+from ._common import record, setup_overrides, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -80,23 +78,24 @@ def gene_embeddings(
     >>> scxtrimo.tl.gene_embeddings(adata, model)
     >>> adata.varm["scxtrimo_gene_embedding"].shape
     """
-    if copy:
-        adata = adata.copy()
-    target = _target(adata, mod)
-    net = resolve_model(model)
+    run = start_tool(adata, model, mod=mod, copy=copy)
+    adata, target, net = run.adata, run.target, run.model
     mapping = _mapping(net, target, gene_symbols_key, gene_ids_key)
     table = net.module.gene_embedding_table().detach().float().cpu().numpy()
     out = np.full((target.n_vars, table.shape[1]), np.nan, dtype=np.float32)
     mapped = mapping.col_to_vocab >= 0
     out[mapped] = table[mapping.col_to_vocab[mapped]]
     target.varm[key_added] = out
-    target.uns.setdefault("scxtrimo", {})[key_added] = {
-        "kind": "table",
-        "model": net.source_,
-        "n_genes_embedded": int(mapped.sum()),
-        "embedding_width": int(table.shape[1]),
-        "scxtrimo_version": __version__,
-    }
+    record(
+        target,
+        key_added,
+        {
+            "kind": "table",
+            "model": net.source_,
+            "n_genes_embedded": int(mapped.sum()),
+            "embedding_width": int(table.shape[1]),
+        },
+    )
     return adata if copy else None
 
 
@@ -134,15 +133,16 @@ def _context_means(
     group_codes: np.ndarray,
     n_groups: int,
     *,
-    target_depth,
+    prep,
     batch_size: int,
-    invalid_cells: str,
     device,
     progress_bar,
-    overrides: dict,
-    prep=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group mean of the cells' context gene embeddings: ``[groups, genes, d]``, counts."""
+    """Per-group mean of the cells' context gene embeddings: ``[groups, genes, d]``, counts.
+
+    ``prep`` is the caller's checked input (target depth, skipped cells, input settings): the
+    data are not scanned a second time.
+    """
     from scxtrimo.data._vocabulary import load_vocabulary
 
     symbols = list(load_vocabulary().symbols[col_to_vocab[cols]])
@@ -154,12 +154,9 @@ def _context_means(
         output="embeddings",
         genes=symbols,
         batch_size=batch_size,
-        target_depth=target_depth,
         device=device,
         progress_bar=progress_bar,
-        prep=prep,  # the caller's checked input: no second scan of the data
-        invalid=invalid_cells,
-        **overrides,
+        prep=prep,
     ):
         codes = group_codes[chunk]
         np.add.at(sums, codes, emb.astype(np.float64))
@@ -267,18 +264,10 @@ def context_gene_embeddings(
     >>> scxtrimo.tl.context_gene_embeddings(adata, model, genes=markers, groupby="cell_type")
     >>> adata[:, markers].varm["scxtrimo_context_gene_embedding"].shape  # (4, groups, d)
     """
-    if copy:
-        adata = adata.copy()
-    target = _target(adata, mod)
-    net = resolve_model(model, device=device)
-    overrides = {
-        "layer": layer,
-        "gene_symbols_key": gene_symbols_key,
-        "gene_ids_key": gene_ids_key,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
-    }
-    prep = net.prepare_input(target, target_depth=target_depth, invalid=invalid_cells, **overrides)
+    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
+    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
+    adata, target, net = run.adata, run.target, run.model
+    prep = run.prepare(target_depth=target_depth, invalid=invalid_cells)
     col_to_vocab = prep.mapping.col_to_vocab
     cols = _columns_for(target, col_to_vocab, genes)
     if groupby is None:
@@ -301,13 +290,10 @@ def context_gene_embeddings(
         cells,
         valid,
         len(groups),
-        target_depth=target_depth,
+        prep=prep,
         batch_size=batch_size,
-        invalid_cells=invalid_cells,
         device=device,
         progress_bar=progress_bar,
-        overrides=overrides,
-        prep=prep,
     )
     d = net.config.decoder_dim
     if groupby is None:
@@ -324,12 +310,11 @@ def context_gene_embeddings(
         "genes": [str(g) for g in target.var_names[cols]],
         "n_cells": [int(c) for c in counts],
         "max_cells": max_cells,
-        "scxtrimo_version": __version__,
     }
     if groupby is not None:
         info["groupby"] = groupby
         info["groups"] = [str(g) for g in groups]
-    target.uns.setdefault("scxtrimo", {})[key_added] = info
+    record(target, key_added, info)
     return adata if copy else None
 
 
@@ -513,17 +498,9 @@ def gene_modules(
     if use not in ("context", "table"):
         raise ValueError(f"use must be 'context' or 'table', not {use!r}.")
     method = method or ("hierarchical" if n_modules is not None else "leiden")
-    if copy:
-        adata = adata.copy()
-    target = _target(adata, mod)
-    net = resolve_model(model, device=device)
-    overrides = {
-        "layer": layer,
-        "gene_symbols_key": gene_symbols_key,
-        "gene_ids_key": gene_ids_key,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
-    }
+    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
+    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
+    adata, target, net = run.adata, run.target, run.model
     mapping = _mapping(net, target, gene_symbols_key, gene_ids_key)
     col_to_vocab = mapping.col_to_vocab
     if genes is None:
@@ -544,7 +521,7 @@ def gene_modules(
         table = net.module.gene_embedding_table().detach().float().cpu().numpy()
         emb = table[col_to_vocab[cols]]
     else:
-        prep = net.prepare_input(target, target_depth=target_depth, invalid="skip", **overrides)
+        prep = run.prepare(target_depth=target_depth, invalid="skip")
         codes = np.full(target.n_obs, -1, dtype=np.int64)
         codes[prep.cells] = 0
         cells = _sample_cells(codes, 1, max_cells, seed)
@@ -556,13 +533,10 @@ def gene_modules(
             cells,
             codes,
             1,
-            target_depth=target_depth,
+            prep=prep,
             batch_size=batch_size,
-            invalid_cells="skip",
             device=device,
             progress_bar=progress_bar,
-            overrides=overrides,
-            prep=prep,
         )
         emb, n_cells_used = means[0], int(counts[0])
     labels = cluster_genes(
@@ -580,17 +554,20 @@ def gene_modules(
         modules, categories=[str(i) for i in range(n_found)]
     )
     normed = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    target.uns.setdefault("scxtrimo", {})[key_added] = {
-        "use": use,
-        "method": method,
-        "n_modules": n_found,
-        "resolution": resolution if method == "leiden" else None,
-        "n_neighbors": n_neighbors if method == "leiden" else None,
-        "model": net.source_,
-        "n_cells": n_cells_used,
-        "genes": [str(g) for g in target.var_names[cols]],
-        "embedding": normed.astype(np.float32),
-        "module_sizes": np.bincount(labels, minlength=n_found).astype(np.int64),
-        "scxtrimo_version": __version__,
-    }
+    record(
+        target,
+        key_added,
+        {
+            "use": use,
+            "method": method,
+            "n_modules": n_found,
+            "resolution": resolution if method == "leiden" else None,
+            "n_neighbors": n_neighbors if method == "leiden" else None,
+            "model": net.source_,
+            "n_cells": n_cells_used,
+            "genes": [str(g) for g in target.var_names[cols]],
+            "embedding": normed.astype(np.float32),
+            "module_sizes": np.bincount(labels, minlength=n_found).astype(np.int64),
+        },
+    )
     return adata if copy else None

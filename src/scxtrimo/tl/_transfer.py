@@ -9,9 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scxtrimo._version import __version__
-
-from ._embed import _target, resolve_model
+from ._common import SETUP_KEYS, copied_if, record, resolve_model, setup_overrides, target_of
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -133,11 +131,7 @@ def _embeddings(
             data,
             target_depth=embed_kwargs.get("target_depth"),
             invalid=embed_kwargs.get("invalid_cells", "raise"),
-            **{
-                k: embed_kwargs.get(k)
-                for k in ("layer", "gene_symbols_key", "gene_ids_key", "input_type")
-            },
-            total_counts_key=embed_kwargs.get("total_counts_key"),
+            **{k: embed_kwargs.get(k) for k in SETUP_KEYS},
         )
         out.append(
             net._latent_from_prepared(
@@ -237,12 +231,9 @@ def transfer_labels(
     >>> scxtrimo.tl.transfer_labels(query, reference, labels_key="cell_type")
     >>> query.obs[["cell_type_transferred", "cell_type_transferred_uncertainty"]]
     """
-    if copy:
-        if getattr(query, "isbacked", False):
-            raise ValueError("copy=True is not possible for a backed AnnData; use copy=False.")
-        query = query.copy()
-    target = _target(query, mod)
-    ref = _target(reference, mod)
+    query = copied_if(query, copy)
+    target = target_of(query, mod)
+    ref = target_of(reference, mod)
     key_added = f"{labels_key}_transferred" if key_added is None else key_added
     labels = _reference_labels(ref, labels_key)
     q_emb, r_emb, source = _embeddings(
@@ -251,11 +242,7 @@ def transfer_labels(
         model=model,
         use_rep=use_rep,
         embed_kwargs={
-            "layer": layer,
-            "gene_symbols_key": gene_symbols_key,
-            "gene_ids_key": gene_ids_key,
-            "input_type": input_type,
-            "total_counts_key": total_counts_key,
+            **setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key),
             "target_depth": target_depth,
             "batch_size": batch_size,
             "invalid_cells": invalid_cells,
@@ -266,17 +253,20 @@ def transfer_labels(
     classes, shares = knn_vote(q_emb, r_emb, labels, k=k, weights=weights, metric=metric)
     _write_labels(target, key_added, classes, shares)
     target.obs[f"{key_added}_uncertainty"] = 1.0 - _row_max(shares)
-    target.uns.setdefault("scxtrimo", {})[key_added] = {
-        "method": "knn",
-        "k": int(k),
-        "weights": weights,
-        "metric": metric,
-        "use_rep": source,
-        "labels_key": labels_key,
-        "classes": [str(c) for c in classes],
-        "n_reference_cells": int(ref.n_obs),
-        "scxtrimo_version": __version__,
-    }
+    record(
+        target,
+        key_added,
+        {
+            "method": "knn",
+            "k": int(k),
+            "weights": weights,
+            "metric": metric,
+            "use_rep": source,
+            "labels_key": labels_key,
+            "classes": [str(c) for c in classes],
+            "n_reference_cells": int(ref.n_obs),
+        },
+    )
     return query if copy else None
 
 

@@ -1,0 +1,148 @@
+"""The preamble every tool shares: copy, pick the modality, resolve the model, check the input."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from anndata import AnnData
+
+from scxtrimo._version import __version__
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+    from scxtrimo.model import PreparedInput, XTrimoGene
+
+# How a tool may read an AnnData differently from how the model was set up.
+SETUP_KEYS = ("layer", "gene_symbols_key", "gene_ids_key", "input_type", "total_counts_key")
+
+
+def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene:
+    """Turn what a user passed as ``model`` into an :class:`~scxtrimo.model.XTrimoGene`.
+
+    Parameters
+    ----------
+    model
+        An :class:`~scxtrimo.model.XTrimoGene`; a directory written by
+        :meth:`~scxtrimo.model.XTrimoGene.save`; the official scFoundation checkpoint file
+        (``models.ckpt``, its ``"cell"`` sub-model); or ``None`` for the pretrained model
+        shipped with scxtrimo.
+    device
+        Device for a model loaded here.
+    """
+    from scxtrimo.model import XTrimoGene
+
+    if isinstance(model, XTrimoGene):
+        return model
+    if model is None:
+        from scxtrimo.model._pretrained import load_default_model
+
+        return load_default_model(device=device)
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if path.is_dir():
+            return XTrimoGene.load(path, device=device)
+        if path.is_file():
+            return XTrimoGene.from_scfoundation(path, checkpoint="cell", device=device)
+        raise FileNotFoundError(
+            f"model={str(model)!r} does not exist. Pass an XTrimoGene, a folder written by "
+            "XTrimoGene.save, the scFoundation 'models.ckpt' file, or None for the default model."
+        )
+    raise TypeError(f"model must be an XTrimoGene, a path or None, not {type(model).__name__}.")
+
+
+def _mudata_class() -> type | tuple:
+    try:
+        from mudata import MuData
+    except ImportError:  # pragma: no cover - mudata is a dependency
+        return ()
+    return MuData
+
+
+def is_data(obj: Any) -> bool:
+    """Whether ``obj`` is an AnnData or a MuData (rather than a model)."""
+    return isinstance(obj, AnnData | _mudata_class())
+
+
+def target_of(adata: AnnData | MuData, mod: str | None) -> AnnData:
+    """The AnnData a tool reads and writes: ``adata`` itself, or its modality ``mod``."""
+    if isinstance(adata, _mudata_class()):
+        if mod not in adata.mod:
+            raise KeyError(
+                f"mod={mod!r} is not a modality of this MuData; modalities: {list(adata.mod)}."
+            )
+        return adata.mod[mod]
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"Expected an AnnData or MuData, got {type(adata).__name__}.")
+    return adata
+
+
+def copied_if(adata: AnnData | MuData, copy: bool) -> AnnData | MuData:
+    """``adata``, or a copy of it with ``copy=True`` (refused for backed data)."""
+    if not copy:
+        return adata
+    if getattr(adata, "isbacked", False):
+        raise ValueError("copy=True is not possible for a backed AnnData; use copy=False.")
+    return adata.copy()
+
+
+def setup_overrides(
+    layer: str | None,
+    gene_symbols_key: str | None,
+    gene_ids_key: str | None,
+    input_type: str | None,
+    total_counts_key: str | None,
+) -> dict[str, Any]:
+    """The caller's input settings, by name (``None``: as the model was set up)."""
+    return dict(
+        zip(SETUP_KEYS, (layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key))
+    )
+
+
+def record(target: AnnData, key_added: str, params: dict[str, Any]) -> None:
+    """Write a tool's parameters to ``target.uns["scxtrimo"][key_added]``, with the version."""
+    target.uns.setdefault("scxtrimo", {})[key_added] = {**params, "scxtrimo_version": __version__}
+
+
+@dataclass
+class ToolInput:
+    """What a tool works on once the shared preamble has run.
+
+    Attributes
+    ----------
+    adata
+        What the tool returns with ``copy=True`` (the copy), else the caller's object.
+    target
+        The AnnData read and written: ``adata`` or its MuData modality.
+    model
+        The resolved model.
+    overrides
+        The caller's input settings, passed on to every read of ``target``.
+    """
+
+    adata: AnnData | MuData
+    target: AnnData
+    model: XTrimoGene
+    overrides: dict[str, Any]
+
+    def prepare(self, **kwargs: Any) -> PreparedInput:
+        """Check ``target`` with the caller's input settings; see ``XTrimoGene.prepare_input``."""
+        return self.model.prepare_input(self.target, **kwargs, **self.overrides)
+
+
+def start_tool(
+    adata: AnnData | MuData,
+    model: Any,
+    *,
+    mod: str | None,
+    copy: bool,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ToolInput:
+    """Copy if asked, pick the modality and resolve the model, in that order (errors first)."""
+    adata = copied_if(adata, copy)
+    target = target_of(adata, mod)
+    return ToolInput(adata, target, resolve_model(model, device=device), overrides or {})
