@@ -37,8 +37,6 @@ from anndata import AnnData
 
 from scxtrimo._version import __version__
 
-from ._embed import resolve_model
-
 if TYPE_CHECKING:
     from scxtrimo.model import XTrimoGene
 
@@ -62,7 +60,7 @@ def predict_perturbation(
     layer: str | None = None,
     n_components: int = 20,
     n_steps: int = 300,
-    lr: float = 0.05,
+    lr: float = 0.02,
     weight_decay: float = 1e-2,
     cells_per_episode: int = 256,
     min_cells: int = 5,
@@ -459,7 +457,10 @@ def _representation(
     if use_rep in adata.obsm:
         rep = np.asarray(adata.obsm[use_rep], dtype=np.float64)[rows]
         return rep, f"precomputed .obsm[{use_rep!r}]"
-    net = resolve_model(model, device=device)
+    # The public name, looked up when used: where tl keeps it internally may change.
+    from scxtrimo import tl
+
+    net = tl.resolve_model(model, device=device)
     rep = net.get_latent_representation(
         adata,
         indices=rows,
