@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,14 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     emb = sub.add_parser(
         "embed",
-        help="embed the cells of an .h5ad file",
-        description="Embed cells; writes OUTPUT = INPUT + obsm[KEY] (+ uns['scxtrimo']). "
-        "The input is read backed, chunk by chunk, and never modified; X is not loaded into "
-        "memory and the output is written atomically.",
+        help="embed the cells of an .h5ad, .zarr, TileDB-SOMA experiment or .h5ad shards",
+        description="Embed cells chunk by chunk (resumable). OUT *.h5ad: for one .h5ad input, "
+        "a copy of the input + obsm[KEY] (+ uns['scxtrimo']), written at the end through a "
+        "temporary file; otherwise obs + obsm[KEY]. OUT *.zarr: an AnnData zarr store with "
+        "obs + obsm[KEY], written chunk by chunk (anndata.read_zarr reads it). The input is "
+        "read by rows and never modified. A killed run continues with --resume.",
     )
-    emb.add_argument("input", type=Path, help="input .h5ad with raw counts")
     emb.add_argument(
-        "-o", "--output", type=Path, required=True, help="output .h5ad (not the input)"
+        "input",
+        nargs="+",
+        help="input .h5ad (raw counts), AnnData .zarr, TileDB-SOMA experiment path/URI, or "
+        "several .h5ad shards read one after the other (their genes may differ)",
+    )
+    emb.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        dest="output",
+        type=Path,
+        required=True,
+        help="output .h5ad or .zarr (not the input)",
     )
     emb.add_argument(
         "--model",
@@ -57,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--layer", default=None, help="layer with raw counts (default X)")
     emb.add_argument("--gene-symbols-key", default=None, help="var column with gene symbols")
     emb.add_argument("--gene-ids-key", default=None, help="var column with Ensembl IDs")
+    emb.add_argument("--input-type", choices=["counts", "log1p"], default=None)
+    emb.add_argument("--total-counts-key", default=None, help="obs column of total counts")
     emb.add_argument("--pooling", choices=["all", "max", "mean"], default="all")
     emb.add_argument("--target-depth", default=None, help="e.g. 4, t4, fold:2, add:1")
     emb.add_argument("--batch-size", type=_positive_int, default=None)
@@ -67,11 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cap on gene tokens per cell, or 'all' (default: the model's pretraining cap)",
     )
+    emb.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=None,
+        help="cells per chunk, the unit of writing and resuming (default 4096)",
+    )
     emb.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    emb.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes/GPUs (Lightning DDP) for N > 1; -1: all GPUs (default 1)",
+    )
+    emb.add_argument("--accelerator", default="auto", help="auto, gpu or cpu (for --devices > 1)")
+    emb.add_argument(
+        "--strategy",
+        default=None,
+        help="Lightning strategy (default ddp_spawn; ddp under torchrun)",
+    )
+    emb.add_argument("--num-nodes", type=_positive_int, default=1)
     emb.add_argument(
         "--skip-invalid-cells", action="store_true", help="NaN rows for cells with < 2 counts"
     )
-    emb.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    emb.add_argument("--measurement", default="RNA", help="SOMA measurement (default RNA)")
+    emb.add_argument("--X-name", dest="x_name", default=None, help="SOMA X layer (raw, data)")
+    emb.add_argument("--obs-filter", default=None, help="SOMA obs value filter")
+    emb.add_argument(
+        "--no-copy-input",
+        action="store_true",
+        help="for an .h5ad output of an .h5ad input: write obs + embedding only",
+    )
+    group = emb.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run into OUT")
+    group.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     pre = sub.add_parser(
         "pretrain",
@@ -131,62 +172,56 @@ def _check_output(input_path: Path, output: Path, overwrite: bool) -> None:
         raise SystemExit(f"error: {output} exists; pass --overwrite to replace it.")
 
 
+def _is_uri(text: str) -> bool:
+    return "://" in text
+
+
 def run_embed(args: argparse.Namespace) -> None:
-    """``scxtrimo embed``: stream a backed file through the model, write a copy + embedding."""
-    import anndata as ad
-    import h5py
-    from anndata.io import write_elem
+    """``scxtrimo embed``: chunked, resumable embedding into an .h5ad or a .zarr store."""
+    from .tl import embed_to_store
 
-    from .tl import embed
-
-    if not args.input.exists():
-        raise SystemExit(f"error: input file {args.input} not found.")
-    _check_output(args.input, args.output, args.overwrite)
-    adata = ad.read_h5ad(args.input, backed="r")
+    for item in args.input:
+        if not _is_uri(item) and not Path(item).exists():
+            raise SystemExit(f"error: input {item} not found.")
+        if not _is_uri(item) and Path(item).resolve() == args.output.resolve():
+            raise SystemExit(
+                "error: the output must not be the input file; scxtrimo never overwrites its input."
+            )
+    if args.output.suffix not in (".h5ad", ".zarr"):
+        raise SystemExit(f"error: the output must end in .h5ad or .zarr, got {args.output}.")
+    source = args.input[0] if len(args.input) == 1 else list(args.input)
     try:
-        embed(
-            adata,
+        embed_to_store(
+            source,
+            args.output,
             args.model,
             key_added=args.key_added,
             layer=args.layer,
             gene_symbols_key=args.gene_symbols_key,
             gene_ids_key=args.gene_ids_key,
+            input_type=args.input_type,
+            total_counts_key=args.total_counts_key,
             pooling=args.pooling,
             target_depth=args.target_depth,
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
             max_genes=args.max_genes,
             invalid_cells="skip" if args.skip_invalid_cells else "raise",
+            chunk_size=args.chunk_size,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            devices=args.devices,
+            accelerator=args.accelerator,
+            strategy=args.strategy,
+            num_nodes=args.num_nodes,
             device=args.device,
+            copy_input=False if args.no_copy_input else None,
+            measurement_name=args.measurement,
+            X_name=args.x_name,
+            obs_value_filter=args.obs_filter,
         )
-        emb = adata.obsm[args.key_added]
-        report = adata.uns["scxtrimo"][args.key_added]
-    finally:
-        adata.file.close()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=args.output.parent, prefix=f".{args.output.name}.", suffix=".tmp"
-    )
-    os.close(fd)
-    try:
-        shutil.copyfile(args.input, tmp)  # byte copy: X is never loaded into memory
-        with h5py.File(tmp, "r+") as f:
-            obsm = f.require_group("obsm")
-            if args.key_added in obsm:
-                del obsm[args.key_added]
-            write_elem(obsm, args.key_added, emb)
-            uns = f.require_group("uns")
-            existing = dict(ad.io.read_elem(uns["scxtrimo"])) if "scxtrimo" in uns else {}
-            existing[args.key_added] = report
-            if "scxtrimo" in uns:
-                del uns["scxtrimo"]
-            write_elem(uns, "scxtrimo", existing)
-        os.replace(tmp, args.output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    logger.info("Wrote %s (obsm[%r], %d x %d).", args.output, args.key_added, *emb.shape)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from err
 
 
 def run_pretrain(args: argparse.Namespace) -> None:

@@ -5,6 +5,15 @@ Nothing in this namespace imports Lightning or scvi-tools.
 
 from ._loading import InferenceBatch, iter_inference_batches, plan_batches
 from ._matrix import get_matrix, iter_row_chunks
+from ._sources import (
+    AnnDataSource,
+    ConcatSource,
+    H5adSource,
+    RowSource,
+    SomaSource,
+    ZarrSource,
+    open_source,
+)
 from ._tokens import InputSpec, MaskingSpec, TargetDepth, TokenIndex, pretraining_batch
 from ._validation import CellStats, invalid_cells, scan_cells
 from ._vocabulary import (
@@ -17,15 +26,21 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "AnnDataSource",
     "CellStats",
+    "ConcatSource",
     "GeneMapping",
     "GeneVocabulary",
+    "H5adSource",
     "InferenceBatch",
     "InputSpec",
     "LowVocabularyCoverageWarning",
     "MaskingSpec",
+    "RowSource",
+    "SomaSource",
     "TargetDepth",
     "TokenIndex",
+    "ZarrSource",
     "get_matrix",
     "invalid_cells",
     "iter_inference_batches",
@@ -33,6 +48,7 @@ __all__ = [
     "load_vocabulary",
     "looks_like_ensembl",
     "map_genes",
+    "open_source",
     "plan_batches",
     "pretraining_batch",
     "scan_cells",

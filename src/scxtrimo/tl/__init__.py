@@ -2,6 +2,7 @@
 
 from ._annotate import annotate, predict_proba
 from ._embed import embed, resolve_model
+from ._embed_store import embed_to_store, iter_embedding_store
 from ._enhance import enhance
 from ._evaluate import knn_accuracy, pca_baseline
 from ._genes import cluster_genes, context_gene_embeddings, gene_embeddings, gene_modules
@@ -13,9 +14,11 @@ __all__ = [
     "cluster_genes",
     "context_gene_embeddings",
     "embed",
+    "embed_to_store",
     "enhance",
     "gene_embeddings",
     "gene_modules",
+    "iter_embedding_store",
     "knn_accuracy",
     "knn_vote",
     "pca_baseline",

@@ -1,0 +1,608 @@
+"""Row sources: cells x genes matrices read by rows, from files too large to load.
+
+A *row source* is anything with a gene table, a cell table and a ``read_rows`` method that
+returns the raw counts of some rows as CSR (:class:`RowSource`). The implementations here read
+``.h5ad`` files (backed, through h5py), AnnData ``.zarr`` stores, TileDB-SOMA experiments (a
+local path or a URI, optionally filtered on ``obs``) and in-memory AnnData objects; a
+:class:`ConcatSource` reads several sources (e.g. ``.h5ad`` shards with different gene sets) as
+one stream of rows. Sources hold no open file handle when pickled, so they can be sent to other
+processes (``ddp_spawn``, DataLoader workers) and reopen their files there.
+
+Memory: ``obs`` and ``var`` are held in memory (one row per cell / gene); the matrix never is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from ._matrix import as_row_accessible, is_backed_sparse
+
+__all__ = [
+    "AnnDataSource",
+    "ConcatSource",
+    "H5adSource",
+    "RowSource",
+    "SomaSource",
+    "ZarrSource",
+    "open_source",
+]
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """What scxtrimo needs from a cells x genes matrix that is read by rows.
+
+    Attributes
+    ----------
+    name
+        A short description for error messages (e.g. the path).
+    var
+        The gene table; its index are the gene names as in the source (symbols or Ensembl
+        IDs, mapped to the vocabulary by :func:`~scxtrimo.data.map_genes`).
+    obs
+        The cell table, one row per cell of the source (after any filter), in stream order.
+    """
+
+    name: str
+    var: pd.DataFrame
+    obs: pd.DataFrame
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_vars)``."""
+        ...
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Raw counts of ``rows`` (sorted ``int64`` positions in ``0..n_obs-1``), as CSR."""
+        ...
+
+
+def _as_csr(block: Any) -> sp.csr_matrix:
+    """A CSR matrix with dtypes the kernels take (dense blocks and float16 converted)."""
+    if not sp.issparse(block):
+        block = np.asarray(block)
+        if block.ndim == 1:
+            block = block.reshape(1, -1)
+        if block.dtype == np.float16:
+            block = block.astype(np.float32)
+        return sp.csr_matrix(block)
+    block = sp.csr_matrix(block) if block.format != "csr" else block
+    if block.dtype == np.float16:
+        block = block.astype(np.float32)
+    return block
+
+
+def _check_rows(rows: np.ndarray, n_obs: int, name: str) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1:
+        raise ValueError(f"{name}: rows must be a 1-d array of positions.")
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_obs):
+        raise IndexError(f"{name}: rows must be in [0, {n_obs}); got {rows[0]}..{rows[-1]}.")
+    if rows.size > 1 and np.any(np.diff(rows) <= 0):
+        raise ValueError(f"{name}: rows must be sorted and unique.")
+    return rows
+
+
+def _read_matrix_rows(matrix: Any, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows of an in-memory, h5py, zarr or anndata-backed matrix (sorted positions)."""
+    if rows.size == 0:
+        return sp.csr_matrix((0, matrix.shape[1]), dtype=np.float32)
+    start, stop = int(rows[0]), int(rows[-1]) + 1
+    if stop - start == rows.size:  # contiguous: a slice is much cheaper than fancy indexing
+        return _as_csr(matrix[start:stop])
+    if sp.issparse(matrix) or is_backed_sparse(matrix):
+        return _as_csr(matrix[rows])
+    # h5py / zarr dense arrays: read the covering slice when it is small, else row by row.
+    if stop - start <= 4 * rows.size:
+        return _as_csr(np.asarray(matrix[start:stop])[rows - start])
+    return _as_csr(np.stack([np.asarray(matrix[int(r)]) for r in rows]))
+
+
+def _file_size(path: str | os.PathLike) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class _AnnDataFileSource:
+    """Shared code of the ``.h5ad`` and ``.zarr`` readers (lazily opened, picklable)."""
+
+    kind = "file"
+
+    def __init__(self, path: str | os.PathLike, layer: str | None = None) -> None:
+        from anndata.io import read_elem
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"Input {str(self.path)!r} does not exist.")
+        self.name = str(self.path)
+        self.layer = layer
+        self._root = None
+        self._matrix = None
+        root = self._open_root()
+        try:
+            self.obs = read_elem(root["obs"])
+            self.var = read_elem(root["var"])
+            matrix = self._matrix_of(root)
+            self._shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        finally:
+            self._close()
+
+    # -- to be provided by subclasses
+    def _open_root(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        self._root = None
+        self._matrix = None
+
+    def _matrix_of(self, root: Any) -> Any:
+        from anndata.io import sparse_dataset
+
+        if self.layer is None:
+            if "X" not in root:
+                raise ValueError(f"{self.name} has no X; pass layer=<name of the counts layer>.")
+            elem = root["X"]
+        else:
+            if "layers" not in root or self.layer not in root["layers"]:
+                layers = list(root["layers"].keys()) if "layers" in root else []
+                raise KeyError(
+                    f"Layer {self.layer!r} not found in {self.name}; layers: {layers or 'none'}."
+                )
+            elem = root["layers"][self.layer]
+        encoding = elem.attrs.get("encoding-type", "array")
+        if encoding in ("csr_matrix", "csc_matrix"):
+            matrix = sparse_dataset(elem)
+            return as_row_accessible(matrix)  # refuses CSC with an explanation
+        return elem
+
+    def _get_matrix(self) -> Any:
+        if self._matrix is None:
+            self._root = self._open_root()
+            self._matrix = self._matrix_of(self._root)
+        return self._matrix
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_vars)``."""
+        return self._shape
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Raw values of ``rows`` (sorted positions) as CSR."""
+        rows = _check_rows(rows, self._shape[0], self.name)
+        return _read_matrix_rows(self._get_matrix(), rows)
+
+    def fingerprint(self) -> dict:
+        """What identifies this input (for resumable runs)."""
+        return {
+            "kind": self.kind,
+            "path": str(self.path.resolve()),
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "size_bytes": _file_size(self.path),
+        }
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_root"] = None
+        state["_matrix"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, shape={self.shape})"
+
+
+class H5adSource(_AnnDataFileSource):
+    """An ``.h5ad`` file read by rows through h5py (the matrix stays on disk).
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file; ``X`` (or ``layer``) must be CSR or dense (CSC cannot be read by
+        rows and is refused with an explanation).
+    layer
+        Layer with the raw counts; ``None`` reads ``X``.
+    """
+
+    kind = "h5ad"
+
+    def _open_root(self) -> Any:
+        import h5py
+
+        if self._root is None:
+            self._root = h5py.File(self.path, "r")
+        return self._root
+
+    def _close(self) -> None:
+        if self._root is not None:
+            self._root.close()
+        super()._close()
+
+
+class ZarrSource(_AnnDataFileSource):
+    """An AnnData ``.zarr`` store (as written by ``AnnData.write_zarr``) read by rows.
+
+    Parameters
+    ----------
+    path
+        The ``.zarr`` directory.
+    layer
+        Layer with the raw counts; ``None`` reads ``X``.
+    """
+
+    kind = "zarr"
+
+    def _open_root(self) -> Any:
+        import zarr
+
+        if self._root is None:
+            self._root = zarr.open_group(str(self.path), mode="r")
+        return self._root
+
+
+class AnnDataSource:
+    """An AnnData in memory or opened backed, as a row source.
+
+    Parameters
+    ----------
+    adata
+        The AnnData; not copied.
+    layer
+        Layer with the raw counts; ``None`` reads ``X``.
+    name
+        For error messages.
+    """
+
+    kind = "anndata"
+
+    def __init__(self, adata: AnnData, layer: str | None = None, name: str = "AnnData") -> None:
+        from ._matrix import get_matrix
+
+        self.adata = adata
+        self.layer = layer
+        self.name = name
+        self.matrix = as_row_accessible(get_matrix(adata, layer))
+        self.obs = adata.obs
+        self.var = adata.var
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_vars)``."""
+        return (int(self.adata.n_obs), int(self.adata.n_vars))
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Raw values of ``rows`` (sorted positions) as CSR."""
+        rows = _check_rows(rows, self.shape[0], self.name)
+        return _read_matrix_rows(self.matrix, rows)
+
+    def fingerprint(self) -> dict:
+        """What identifies this input (for resumable runs)."""
+        filename = getattr(self.adata, "filename", None)
+        return {
+            "kind": self.kind,
+            "path": None if filename is None else str(Path(filename).resolve()),
+            "layer": self.layer,
+            "shape": list(self.shape),
+        }
+
+    def __repr__(self) -> str:
+        return f"AnnDataSource(shape={self.shape})"
+
+
+class SomaSource:
+    """Cells of a TileDB-SOMA experiment, read by rows in bounded chunks.
+
+    Needs the optional ``tiledbsoma`` package (``pip install 'scxtrimo[soma]'``).
+
+    Parameters
+    ----------
+    uri
+        Local path or URI (``s3://…``, ``tiledb://…``) of a SOMA ``Experiment``.
+    measurement_name
+        The measurement holding the gene expression (``"RNA"``).
+    X_name
+        The ``X`` layer with raw counts: ``"raw"`` (CELLxGENE Census) or ``"data"`` (what
+        ``tiledbsoma.io.from_h5ad`` writes); ``None`` takes ``"raw"`` if present, else
+        ``"data"``, else the only layer.
+    obs_value_filter
+        A SOMA value filter on ``obs`` (e.g. ``"tissue_general == 'blood' and is_primary_data
+        == True"``); ``None`` keeps every cell. A filter that matches no cell is an error.
+    obs_column_names
+        ``obs`` columns to read (default all).
+    var_index
+        ``var`` column used as the gene names: ``None`` picks ``"feature_name"`` (symbols) or
+        ``"var_id"``/``"feature_id"``, whichever exists, in that order.
+    context
+        A ``tiledbsoma.SOMATileDBContext`` (e.g. with credentials for cloud URIs).
+
+    Notes
+    -----
+    Rows are cells in ``soma_joinid`` order of the filtered ``obs``; columns are all ``var``
+    rows in ``soma_joinid`` order. The other ``var`` columns (``feature_id`` with Ensembl IDs
+    in the Census) stay in :attr:`var`, so ``gene_ids_key="feature_id"`` maps by Ensembl ID.
+    """
+
+    kind = "soma"
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        measurement_name: str = "RNA",
+        X_name: str | None = None,
+        obs_value_filter: str | None = None,
+        obs_column_names: Sequence[str] | None = None,
+        var_index: str | None = None,
+        context: Any = None,
+    ) -> None:
+        try:
+            import tiledbsoma
+        except ImportError as err:  # pragma: no cover - optional dependency
+            raise ImportError(
+                "Reading TileDB-SOMA needs the tiledbsoma package: pip install 'scxtrimo[soma]'."
+            ) from err
+        self.uri = str(uri)
+        self.name = self.uri
+        self.measurement_name = measurement_name
+        self.obs_value_filter = obs_value_filter
+        self.context = context
+        self._exp = None
+        self._X = None
+        try:
+            exists = tiledbsoma.Experiment.exists(self.uri, context=context)
+        except Exception:
+            exists = False
+        if not exists:
+            raise FileNotFoundError(
+                f"No TileDB-SOMA Experiment at {self.uri!r} (the path or URI does not exist or is "
+                "not an Experiment). For the CELLxGENE Census, use "
+                "cellxgene_census.open_soma() and pass census['census_data']['homo_sapiens']."
+            )
+        with tiledbsoma.Experiment.open(self.uri, context=context) as exp:
+            if measurement_name not in exp.ms:
+                raise KeyError(
+                    f"Measurement {measurement_name!r} not in {self.uri}; measurements: "
+                    f"{list(exp.ms.keys())}."
+                )
+            ms = exp.ms[measurement_name]
+            layers = list(ms.X.keys())
+            if X_name is None:
+                X_name = next((n for n in ("raw", "data") if n in layers), None)
+                if X_name is None and len(layers) == 1:
+                    X_name = layers[0]
+                if X_name is None:
+                    raise ValueError(f"{self.uri}: pass X_name=, one of {layers}.")
+            if X_name not in layers:
+                raise KeyError(f"X layer {X_name!r} not in {self.uri}; X layers: {layers}.")
+            self.X_name = X_name
+            columns = None if obs_column_names is None else ["soma_joinid", *obs_column_names]
+            try:
+                obs = (
+                    exp.obs.read(column_names=columns, value_filter=obs_value_filter)
+                    .concat()
+                    .to_pandas()
+                )
+            except Exception as err:
+                raise ValueError(
+                    f"obs_value_filter={obs_value_filter!r} could not be applied to the obs of "
+                    f"{self.uri}: {err}"
+                ) from err
+            if len(obs) == 0:
+                raise ValueError(
+                    f"obs_value_filter={obs_value_filter!r} matches no cell of {self.uri}; check "
+                    f"the column names and values (obs columns: {list(exp.obs.keys())})."
+                )
+            obs = obs.sort_values("soma_joinid", kind="stable")
+            var = ms.var.read().concat().to_pandas().sort_values("soma_joinid", kind="stable")
+            self.n_var_total = int(ms.X[X_name].shape[1])
+        self.obs_joinids = obs["soma_joinid"].to_numpy(dtype=np.int64)
+        self.var_joinids = var["soma_joinid"].to_numpy(dtype=np.int64)
+        obs_index = "obs_id" if "obs_id" in obs.columns else "soma_joinid"
+        self.obs = obs.set_index(obs.pop(obs_index).astype(str).rename(None))
+        if var_index is None:
+            var_index = next(
+                (c for c in ("feature_name", "var_id", "feature_id") if c in var.columns),
+                "soma_joinid",
+            )
+        if var_index not in var.columns:
+            raise KeyError(f"var_index={var_index!r} is not a var column: {list(var.columns)}.")
+        index = var[var_index].astype(str).rename(None)
+        self.var_index = var_index
+        self.var = var.drop(columns=[var_index]).set_index(pd.Index(index))
+        # var joinid -> column position (joinids are usually 0..n-1, but need not be).
+        self._var_position = np.full(
+            max(self.n_var_total, self.var_joinids.max() + 1), -1, np.int64
+        )
+        self._var_position[self.var_joinids] = np.arange(len(self.var_joinids))
+
+    def _open_X(self) -> Any:
+        if self._X is None:
+            import tiledbsoma
+
+            self._exp = tiledbsoma.Experiment.open(self.uri, context=self.context)
+            self._X = self._exp.ms[self.measurement_name].X[self.X_name]
+        return self._X
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_vars)`` after the obs filter."""
+        return (len(self.obs_joinids), len(self.var_joinids))
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Raw counts of ``rows`` (sorted positions into the filtered cells) as CSR."""
+        rows = _check_rows(rows, self.shape[0], self.name)
+        n_vars = self.shape[1]
+        if rows.size == 0:
+            return sp.csr_matrix((0, n_vars), dtype=np.float32)
+        joinids = self.obs_joinids[rows]
+        table = self._open_X().read(coords=(joinids,)).tables().concat()
+        dim0 = table["soma_dim_0"].to_numpy()
+        dim1 = table["soma_dim_1"].to_numpy()
+        data = table["soma_data"].to_numpy()
+        local = np.searchsorted(joinids, dim0)  # joinids sorted: rows are sorted positions
+        cols = self._var_position[dim1]
+        keep = cols >= 0
+        block = sp.csr_matrix((data[keep], (local[keep], cols[keep])), shape=(rows.size, n_vars))
+        block.sum_duplicates()
+        if block.dtype == np.float16:
+            block = block.astype(np.float32)
+        return block
+
+    def fingerprint(self) -> dict:
+        """What identifies this input (for resumable runs)."""
+        return {
+            "kind": self.kind,
+            "uri": self.uri,
+            "measurement_name": self.measurement_name,
+            "X_name": self.X_name,
+            "obs_value_filter": self.obs_value_filter,
+            "shape": list(self.shape),
+        }
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_exp"] = None
+        state["_X"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"SomaSource({self.uri!r}, shape={self.shape})"
+
+
+class ConcatSource:
+    """Several row sources read as one stream of rows (e.g. ``.h5ad`` shards).
+
+    The sources may have different genes: each keeps its own ``var`` and is mapped to the
+    vocabulary on its own; :attr:`var` is the first source's. Rows are numbered
+    consecutively, source after source.
+
+    Parameters
+    ----------
+    sources
+        The row sources, in stream order.
+    """
+
+    kind = "concat"
+
+    def __init__(self, sources: Sequence[RowSource]) -> None:
+        if len(sources) == 0:
+            raise ValueError("ConcatSource needs at least one source.")
+        self.sources = list(sources)
+        self.name = " + ".join(s.name for s in self.sources)
+        self.offsets = np.cumsum([0, *(s.shape[0] for s in self.sources)]).astype(np.int64)
+        self.var = self.sources[0].var
+        self.obs = pd.concat([s.obs for s in self.sources], axis=0, join="outer")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(total n_obs, n_vars of the first source)``."""
+        return (int(self.offsets[-1]), self.sources[0].shape[1])
+
+    def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """``(source, local start, local stop)`` covering the global rows ``start:stop``."""
+        out = []
+        for i in range(len(self.sources)):
+            lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
+            if lo < hi:
+                out.append((i, int(lo - self.offsets[i]), int(hi - self.offsets[i])))
+        return out
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows of one source only (the sources' gene axes differ): see :meth:`pieces`."""
+        rows = _check_rows(rows, self.shape[0], self.name)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        if rows.size and which[0] != which[-1]:
+            raise ValueError(
+                "ConcatSource.read_rows cannot stack rows of sources with different genes; "
+                "read each source through .pieces()."
+            )
+        i = int(which[0]) if rows.size else 0
+        return self.sources[i].read_rows(rows - self.offsets[i])
+
+    def fingerprint(self) -> dict:
+        """What identifies this input (for resumable runs)."""
+        return {"kind": self.kind, "sources": [_fingerprint_of(s) for s in self.sources]}
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({len(self.sources)} sources, shape={self.shape})"
+
+
+def _fingerprint_of(source: RowSource) -> dict:
+    fp = getattr(source, "fingerprint", None)
+    if callable(fp):
+        return fp()
+    return {"kind": type(source).__name__, "name": source.name, "shape": list(source.shape)}
+
+
+def _is_soma_uri(text: str) -> bool:
+    if "://" in text and not text.startswith("file://"):
+        return True
+    path = Path(text.removeprefix("file://"))
+    # A SOMA experiment on disk is a TileDB group folder (with __group / __tiledb_group.tdb).
+    return path.is_dir() and ((path / "__group").exists() or (path / "__tiledb_group.tdb").exists())
+
+
+def open_source(obj: Any, *, layer: str | None = None, **soma_kwargs: Any) -> RowSource:
+    """A row source for ``obj``.
+
+    Parameters
+    ----------
+    obj
+        An AnnData (in memory or backed); a path to an ``.h5ad`` file or an AnnData ``.zarr``
+        store; a local path or URI of a TileDB-SOMA experiment; a row source (returned as is);
+        or a list of any of these, read one after the other as one stream
+        (:class:`ConcatSource`).
+    layer
+        Layer with raw counts for AnnData inputs (``None``: ``X``).
+    **soma_kwargs
+        Passed to :class:`SomaSource` (``measurement_name``, ``X_name``,
+        ``obs_value_filter``...).
+
+    Raises
+    ------
+    FileNotFoundError
+        If a path or URI does not exist.
+    ValueError
+        If the kind of input cannot be recognised.
+    """
+    if isinstance(obj, AnnData):
+        return AnnDataSource(obj, layer=layer)
+    if isinstance(obj, list | tuple):
+        if len(obj) == 1:
+            return open_source(obj[0], layer=layer, **soma_kwargs)
+        return ConcatSource([open_source(o, layer=layer, **soma_kwargs) for o in obj])
+    if isinstance(obj, str | os.PathLike):
+        text = os.fspath(obj)
+        if _is_soma_uri(text):
+            return SomaSource(text, **soma_kwargs)
+        path = Path(text)
+        if soma_kwargs:
+            raise ValueError(
+                f"{sorted(soma_kwargs)} only apply to TileDB-SOMA experiments, and {text!r} is "
+                "not one."
+            )
+        if not path.exists():
+            raise FileNotFoundError(f"Input {text!r} does not exist.")
+        if path.suffix == ".h5ad" or path.is_file():
+            return H5adSource(path, layer=layer)
+        if path.suffix == ".zarr" or (path / ".zgroup").exists() or (path / "zarr.json").exists():
+            return ZarrSource(path, layer=layer)
+        raise ValueError(
+            f"Cannot tell what {text!r} is: expected an .h5ad file, an AnnData .zarr store or a "
+            "TileDB-SOMA experiment."
+        )
+    if all(hasattr(obj, a) for a in ("read_rows", "obs", "var", "shape")):
+        return obj
+    raise TypeError(
+        "Expected an AnnData, a path or URI, a list of them or a row source; got "
+        f"{type(obj).__name__}."
+    )

@@ -1,0 +1,960 @@
+"""``scxtrimo.tl.embed_to_store``: resumable, chunked embedding of inputs larger than memory.
+
+The input (an ``.h5ad`` read backed, an AnnData ``.zarr``, a TileDB-SOMA experiment, several
+``.h5ad`` shards, or an AnnData) is cut into chunks of ``chunk_size`` consecutive cells. Each
+chunk is read, checked, embedded and written to its rows of a zarr array; then a marker file is
+moved into place (write to a temporary name, then rename), which is the chunk's commit. A run
+that is killed leaves the finished chunks and at most one chunk whose marker is missing; with
+``resume=True`` only chunks without a marker are computed. Memory depends on the chunk and
+batch sizes, never on the number of cells (only ``obs`` and the per-gene tables are held).
+
+Store layout (an AnnData zarr store; ``anndata.read_zarr(out)`` reads it):
+
+- ``obs``: the cells, in input order; ``var``: empty (no genes);
+- ``obsm/<key_added>``: float32, cells x width, zarr chunks of ``chunk_size`` rows (NaN where
+  a chunk is not finished, or a cell was skipped);
+- ``uns/scxtrimo/<key_added>``: the run's parameters, written when the run completes;
+- ``obsm/<key_added>/.scxtrimo/``: ``fingerprint.json`` (model and input), ``done/<chunk>``
+  markers and ``complete`` (hidden from zarr and anndata).
+
+With several processes (``devices > 1``, Lightning DDP), each rank embeds its share of the
+unfinished chunks and writes them through a prediction writer; chunks are aligned to the zarr
+chunks, so two ranks never write to the same zarr chunk and the rows end in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from scxtrimo._settings import settings
+from scxtrimo._version import __version__
+from scxtrimo.data._loading import iter_inference_batches
+from scxtrimo.data._sources import ConcatSource, RowSource, _fingerprint_of, open_source
+from scxtrimo.data._tokens import InputSpec, TokenIndex
+from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
+
+if TYPE_CHECKING:
+    from scxtrimo.model import XTrimoGene
+
+logger = logging.getLogger("scxtrimo")
+
+STORE_FORMAT = "scxtrimo-embedding-store"
+STORE_VERSION = 1
+DEFAULT_CHUNK_SIZE = 4096
+_KILL_ENV = "SCXTRIMO_TEST_KILL_AFTER_CHUNKS"  # test hook: SIGKILL after N committed chunks
+
+
+class _StopForTest(RuntimeError):
+    """Raised by the ``_stop_after_chunks`` test hook (simulates an interrupted run)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash_names(names: Sequence[str] | pd.Index, step: int = 1_000_000) -> str:
+    h = hashlib.sha256()
+    names = pd.Index(names).astype(str)
+    for start in range(0, len(names), step):
+        h.update("\n".join(names[start : start + step]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def model_fingerprint(net: XTrimoGene) -> dict:
+    """What identifies a model's embeddings: a SHA-256 of its weights, and its configuration."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.module.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {
+        "weights_sha256": h.hexdigest(),
+        "config": json.loads(json.dumps(net.config.to_dict(), default=str)),
+        "source": getattr(net, "source_", None),
+    }
+
+
+def _leaf_sources(source: RowSource) -> list[RowSource]:
+    return list(source.sources) if isinstance(source, ConcatSource) else [source]
+
+
+def input_fingerprint(source: RowSource) -> dict:
+    """What identifies an input: its kind, paths, shapes, sizes and hashes of its names."""
+    leaves = _leaf_sources(source)
+    return {
+        "sources": [_fingerprint_of(s) for s in leaves],
+        "obs_names_sha256": _hash_names(source.obs.index),
+        "var_names_sha256": [_hash_names(s.var.index) for s in leaves],
+        "n_obs": int(source.shape[0]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-chunk embedding engine (picklable: sent to every rank under DDP)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@dataclass
+class _Engine:
+    """Embeds rows of a source: the model module plus everything fixed before the run."""
+
+    module: torch.nn.Module
+    n_genes: int
+    width: int
+    spec: InputSpec
+    col_to_vocab: list[np.ndarray]  # one per leaf source
+    pooling: str
+    invalid: str
+    total_counts_key: str | None
+    batch_size: int | None
+    max_tokens: int
+    autocast: bool | None = None
+    source: Any = None
+    n_obs: int = 0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    def chunk_rows(self, k: int) -> tuple[int, int]:
+        """Global rows ``start, stop`` of chunk ``k``."""
+        start = k * self.chunk_size
+        return start, min(self.n_obs, start + self.chunk_size)
+
+    def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        leaves = _leaf_sources(self.source)
+        out = []
+        for i, _ in enumerate(leaves):
+            lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
+            if lo < hi:
+                out.append((i, int(lo - self.offsets[i]), int(hi - self.offsets[i])))
+        return out
+
+    @torch.inference_mode()
+    def embed_chunk(self, k: int, device: torch.device) -> tuple[np.ndarray, int]:
+        """Embedding of chunk ``k`` (rows in order, NaN for skipped cells) and #skipped."""
+        start, stop = self.chunk_rows(k)
+        leaves = _leaf_sources(self.source)
+        parts, n_skipped = [], 0
+        for i, lo, hi in self.pieces(start, stop):
+            src = leaves[i]
+            rows = np.arange(lo, hi, dtype=np.int64)
+            block = src.read_rows(rows)
+            totals = None
+            if self.total_counts_key is not None:
+                totals = src.obs[self.total_counts_key].to_numpy(dtype=np.float64)[lo:hi]
+            emb, skipped = self.embed_block(block, self.col_to_vocab[i], src, rows, totals, device)
+            parts.append(emb)
+            n_skipped += skipped
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), n_skipped
+
+    def embed_block(
+        self,
+        block: sp.csr_matrix,
+        col_to_vocab: np.ndarray,
+        src: RowSource,
+        rows: np.ndarray,
+        totals: np.ndarray | None,
+        device: torch.device,
+    ) -> tuple[np.ndarray, int]:
+        """Embedding of the rows of an in-memory CSR block (one source's genes)."""
+        obs_names = src.obs.index[rows]
+        input_type = self.spec.input_type
+        stats = scan_cells(
+            block, col_to_vocab, input_type=input_type, obs_names=obs_names,
+            var_names=src.var.index,
+        )  # fmt: skip
+        if totals is not None:
+            bad = ~np.isfinite(totals) | (totals < 1)
+            if bad.any():
+                raise ValueError(
+                    f"{src.name}: obs[{self.total_counts_key!r}] must hold total counts >= 1; "
+                    f"{int(bad.sum())} cells do not (e.g. {list(obs_names[bad][:3])})."
+                )
+            if input_type == "log1p":
+                stats = CellStats(totals, stats.n_tokens, stats.count_fraction)
+        bad = invalid_cells(stats, input_type)
+        if bad.size and self.invalid == "raise":
+            raise ValueError(f"{src.name}: " + invalid_cells_message(bad, obs_names, stats))
+        n = block.shape[0]
+        cells = np.setdiff1d(np.arange(n), bad) if bad.size else np.arange(n)
+        out = torch.full((n, self.width), float("nan"), dtype=torch.float32, device=device)
+        if cells.size:
+            module = self.module.to(device).eval()
+            use_autocast = device.type == "cuda" and (self.autocast is None or self.autocast)
+            batches = iter_inference_batches(
+                block,
+                col_to_vocab,
+                stats.n_tokens,
+                self.spec,
+                TokenIndex(self.n_genes),
+                cells=cells,
+                total_counts=totals,
+                batch_size=self.batch_size,
+                max_tokens=self.max_tokens,
+                chunk_size=max(n, 1),
+            )
+            for batch in batches:
+                idx = torch.from_numpy(batch.cells).to(device, non_blocking=True)
+                out[idx] = self._run_splitting(module, batch.tokens, device, use_autocast)
+        # One device-to-host copy per chunk, none per batch.
+        return out.cpu().numpy(), int(bad.size)
+
+    def _run(self, module, tokens, device, use_autocast) -> torch.Tensor:
+        batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+            z = module.pool(h, batch["padding_mask"], self.pooling)
+        return z.float()
+
+    def _run_splitting(self, module, tokens, device, use_autocast) -> torch.Tensor:
+        try:
+            return self._run(module, tokens, device, use_autocast)
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            n = tokens["gene_index"].shape[0]
+            if not _is_oom(err) or n == 1:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("Out of memory on a batch of %d cells; retrying in halves.", n)
+            half = n // 2
+            first = {k: v[:half] for k, v in tokens.items()}
+            second = {k: v[half:] for k, v in tokens.items()}
+            return torch.cat(
+                [
+                    self._run_splitting(module, first, device, use_autocast),
+                    self._run_splitting(module, second, device, use_autocast),
+                ]
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class _Store:
+    """The zarr embedding store at ``path`` for ``obsm[key]`` (see the module docstring)."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = Path(path)
+        self.key = key
+        self._array = None
+
+    @property
+    def array_path(self) -> Path:
+        return self.path / "obsm" / self.key
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.array_path / ".scxtrimo"
+
+    @property
+    def done_dir(self) -> Path:
+        return self.meta_dir / "done"
+
+    @property
+    def fingerprint_file(self) -> Path:
+        return self.meta_dir / "fingerprint.json"
+
+    @property
+    def complete_file(self) -> Path:
+        return self.meta_dir / "complete"
+
+    def is_store(self) -> bool:
+        return self.fingerprint_file.is_file()
+
+    def is_complete(self) -> bool:
+        return self.complete_file.is_file()
+
+    def read_fingerprint(self) -> dict:
+        return json.loads(self.fingerprint_file.read_text())
+
+    def create(self, obs: pd.DataFrame, width: int, chunk_size: int, fingerprint: dict) -> None:
+        """Create the whole store in a temporary folder, then rename it into place."""
+        import anndata as ad
+        import zarr
+        from anndata.io import write_elem
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(
+            tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        )
+        try:
+            fmt = ad.settings.zarr_write_format
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=fmt)
+            root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            obs = obs.copy()
+            obs.index = pd.Index(obs.index.astype(str), name=None)
+            try:
+                write_elem(root, "obs", obs)
+            except Exception as err:
+                logger.warning(
+                    "obs columns could not be written (%s); writing obs names only.", err
+                )
+                if "obs" in root:
+                    del root["obs"]
+                write_elem(root, "obs", pd.DataFrame(index=obs.index))
+            write_elem(root, "var", pd.DataFrame(index=pd.Index([], dtype=str)))
+            write_elem(root, "uns", {})
+            obsm = root.create_group("obsm")
+            obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+            n = len(obs)
+            arr = obsm.create_array(
+                self.key,
+                shape=(n, width),
+                chunks=(max(1, min(chunk_size, n)), width),
+                dtype="float32",
+                fill_value=np.nan,
+            )
+            arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            meta = tmp / "obsm" / self.key / ".scxtrimo"
+            (meta / "done").mkdir(parents=True)
+            (meta / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+            os.replace(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def array(self):
+        import zarr
+
+        if self._array is None:
+            self._array = zarr.open_array(str(self.array_path), mode="r+")
+        return self._array
+
+    def done_chunks(self) -> dict[int, dict]:
+        out = {}
+        for name in os.listdir(self.done_dir):
+            if name.isdigit():
+                try:
+                    out[int(name)] = json.loads((self.done_dir / name).read_text())
+                except (OSError, ValueError):  # pragma: no cover - a marker is written atomically
+                    continue
+        return out
+
+    def write_chunk(self, k: int, start: int, emb: np.ndarray, info: dict) -> None:
+        """Write the rows of chunk ``k``, then commit it (marker moved into place)."""
+        self.array()[start : start + emb.shape[0]] = emb
+        _atomic_write_text(self.done_dir / f"{k:09d}", json.dumps(info))
+
+    def finish(self, report: dict) -> None:
+        import zarr
+        from anndata.io import write_elem
+
+        root = zarr.open_group(str(self.path), mode="r+")
+        uns = {"scxtrimo": {self.key: report}}
+        if "uns" in root:
+            del root["uns"]
+        write_elem(root, "uns", uns)
+        _atomic_write_text(self.complete_file, json.dumps({"finished": time.time()}))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def _global_rank_env() -> int:
+    """The global rank of this process when launched by torchrun / SLURM / Lightning (else 0)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ and (
+            var != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        ):
+            return int(os.environ[var])
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _externally_launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        "LOCAL_RANK" in os.environ and int(os.environ["LOCAL_RANK"]) > 0
+    )
+
+
+def _check_devices(devices: int, accelerator: str, num_nodes: int) -> tuple[int, str]:
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        available = torch.cuda.device_count()
+        what = "CUDA devices"
+    elif accelerator == "cpu":
+        available = os.cpu_count() or 1
+        what = "CPU cores (one process per device)"
+    else:
+        raise ValueError(f"accelerator must be 'auto', 'cpu' or 'gpu', not {accelerator!r}.")
+    if isinstance(devices, bool) or not isinstance(devices, int | np.integer):
+        raise TypeError(f"devices must be an integer (-1: all), not {devices!r}.")
+    if devices == -1:
+        if accelerator == "cpu":
+            raise ValueError("devices=-1 (all) is only for GPUs; give a number of CPU processes.")
+        devices = available
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1 or -1, got {devices}.")
+    if devices > available:
+        raise ValueError(
+            f"devices={devices} but this machine has {available} {what}"
+            + (
+                " (CUDA is not available)"
+                if accelerator in ("gpu", "cuda") and not available
+                else ""
+            )
+            + f"; pass devices<={max(available, 1)}."
+        )
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}.")
+    return int(devices), ("gpu" if accelerator in ("gpu", "cuda") else "cpu")
+
+
+def _probe(net: XTrimoGene, src: RowSource, model_layer: str | None, kwargs: dict) -> Any:
+    """Run the model's own input checks on the first rows of one source (errors before work)."""
+    n = min(src.shape[0], 64)
+    block = src.read_rows(np.arange(n, dtype=np.int64))
+    probe = AnnData(X=block, obs=src.obs.iloc[:n].copy(), var=src.var.copy())
+    if model_layer is not None:
+        probe.layers[model_layer] = block
+    quiet = logging.getLogger("scxtrimo")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "skipping N cells" of the probe would be misleading
+    try:
+        return net.prepare_input(probe, invalid="skip", **kwargs)
+    finally:
+        quiet.setLevel(level)
+
+
+def embed_to_store(
+    input: Any,
+    out: str | os.PathLike,
+    model: XTrimoGene | str | os.PathLike | None = None,
+    *,
+    key_added: str = "X_scxtrimo",
+    layer: str | None = None,
+    gene_symbols_key: str | None = None,
+    gene_ids_key: str | None = None,
+    input_type: Literal["counts", "log1p"] | None = None,
+    total_counts_key: str | None = None,
+    batch_size: int | None = None,
+    max_tokens: int = 16_384,
+    max_genes: int | Literal["all"] | None = None,
+    pooling: Literal["all", "max", "mean"] = "all",
+    target_depth: float | str | None = None,
+    invalid_cells: Literal["raise", "skip"] = "raise",
+    min_overlap: float = 0.5,
+    chunk_size: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    devices: int = 1,
+    accelerator: str = "auto",
+    strategy: str | None = None,
+    num_nodes: int = 1,
+    device: str | None = None,
+    copy_input: bool | None = None,
+    measurement_name: str = "RNA",
+    X_name: str | None = None,
+    obs_value_filter: str | None = None,
+    progress_bar: bool | None = None,
+    _stop_after_chunks: int | None = None,
+) -> Path:
+    """Embed cells chunk by chunk into a ``.zarr`` store or an ``.h5ad`` file, resumably.
+
+    For inputs that do not fit in memory, runs that may be interrupted, and several processes
+    or GPUs. The result equals :func:`~scxtrimo.tl.embed` (to float rounding), in input order.
+
+    Parameters
+    ----------
+    input
+        An ``.h5ad`` path (read backed), an AnnData ``.zarr`` store, a TileDB-SOMA experiment
+        (local path or URI; see ``measurement_name``, ``X_name``, ``obs_value_filter``), a list
+        of ``.h5ad`` shards read one after the other (their genes may differ; each is mapped to
+        the vocabulary on its own), an AnnData, or a :class:`~scxtrimo.data.RowSource`.
+    out
+        ``*.zarr``: an AnnData zarr store with ``obs``, ``obsm[key_added]`` and
+        ``uns["scxtrimo"][key_added]`` (read it with ``anndata.read_zarr``). ``*.h5ad``: written
+        once at the end through a temporary file and a rename; the work in progress is kept in
+        a hidden ``.<name>.scxtrimo.zarr`` next to it (removed when done).
+    model
+        An :class:`~scxtrimo.model.XTrimoGene`, a saved-model folder, the scFoundation
+        ``models.ckpt`` or ``None`` for the shipped pretrained model.
+    key_added, layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key
+        As in :func:`~scxtrimo.tl.embed` (``input_type="bulk"`` is not supported here: its
+        scale is the median over all samples; use :func:`~scxtrimo.tl.embed`).
+    batch_size, max_tokens, max_genes, pooling, target_depth, invalid_cells
+        As in :func:`~scxtrimo.tl.embed`. With ``invalid_cells="raise"`` a chunk with such
+        cells stops the run with the list of them (the finished chunks are kept).
+    min_overlap
+        Minimum share of each source's genes that must map to the vocabulary.
+    chunk_size
+        Cells per chunk: the unit of work, of writing and of resuming (default 4,096; on resume
+        the store's). Memory is about ``chunk_size`` rows of input plus their embeddings.
+    resume
+        Continue an interrupted run into ``out``: only unfinished chunks are computed. The model,
+        the input and the parameters must be those of the first run (checked against the
+        store's fingerprint; a mismatch is an error). An already complete ``out`` is left as is.
+    overwrite
+        Replace ``out`` if it exists. Without ``resume`` or ``overwrite``, an existing ``out``
+        is an error.
+    devices
+        ``1``: embed in this process on ``device``. ``N > 1`` (or ``-1``: all GPUs): Lightning
+        prediction in ``N`` processes (DDP); each process embeds its share of the chunks.
+    accelerator
+        ``"auto"`` (GPUs if CUDA is available), ``"gpu"`` or ``"cpu"`` (for ``devices > 1``).
+    strategy
+        Lightning strategy for ``devices > 1``: default ``"ddp_spawn"``, or ``"ddp"`` when the
+        processes were started by ``torchrun``/SLURM (each process then calls this function
+        with the same arguments; rank 0 creates the store).
+    num_nodes
+        Nodes, for multi-node runs (Lightning ``num_nodes``).
+    device
+        Device of a one-process run (default ``scxtrimo.settings.device``).
+    copy_input
+        For an ``.h5ad`` output of one ``.h5ad`` input: write a copy of the input plus the
+        embedding (default ``True``, as ``scxtrimo embed`` always did) or only ``obs`` and the
+        embedding (``False``; always so for other inputs).
+    measurement_name, X_name, obs_value_filter
+        For a TileDB-SOMA input; see :class:`~scxtrimo.data.SomaSource`.
+    progress_bar
+        Show a progress bar over chunks (default ``scxtrimo.settings.progress_bar``).
+
+    Returns
+    -------
+    The path of the output.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out`` exists and neither ``resume`` nor ``overwrite`` is given.
+    ValueError
+        On resume with a different model, input or parameters; for more ``devices`` than this
+        machine has; for input that fails the checks of :func:`~scxtrimo.tl.embed`.
+
+    Examples
+    --------
+    >>> import scxtrimo
+    >>> scxtrimo.tl.embed_to_store("atlas.h5ad", "atlas_emb.zarr", chunk_size=8192)
+    >>> # killed? run the same call again with resume=True
+    >>> scxtrimo.tl.embed_to_store("atlas.h5ad", "atlas_emb.zarr", resume=True)
+    >>> import anndata as ad
+    >>> emb = ad.read_zarr("atlas_emb.zarr").obsm["X_scxtrimo"]
+    """
+    from scxtrimo.tl import resolve_model
+
+    out = Path(out)
+    if out.suffix not in (".zarr", ".h5ad"):
+        raise ValueError(f"out must end in .zarr or .h5ad, got {str(out)!r}.")
+    if resume and overwrite:
+        raise ValueError("Pass resume=True or overwrite=True, not both.")
+    if pooling not in ("all", "max", "mean"):
+        raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
+    if invalid_cells not in ("raise", "skip"):
+        raise ValueError(f"invalid_cells must be 'raise' or 'skip', not {invalid_cells!r}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    external = _externally_launched()
+    multi = devices != 1 or num_nodes > 1 or external
+    if multi:
+        devices, accelerator = _check_devices(devices, accelerator, num_nodes)
+        strategy = strategy or ("ddp" if external else "ddp_spawn")
+    rank = _global_rank_env() if external else 0
+    store = _Store(
+        out if out.suffix == ".zarr" else out.with_name(f".{out.name}.scxtrimo.zarr"), key_added
+    )
+
+    # 1. Existing outputs: before anything is loaded.
+    if rank == 0:
+        exists = out.exists() or (out.suffix == ".h5ad" and store.path.exists())
+        if exists and not (resume or overwrite):
+            what = out if out.exists() else store.path
+            raise FileExistsError(
+                f"{what} exists. Pass resume=True (--resume) to continue an interrupted run into "
+                "it, or overwrite=True (--overwrite) to replace it."
+            )
+    if (
+        isinstance(input, str | os.PathLike)
+        and out.exists()
+        and Path(input).resolve() == out.resolve()
+    ):
+        raise ValueError("The output must not be the input; scxtrimo never overwrites its input.")
+
+    # 2. Model, input and every check that does not need the whole data.
+    net = resolve_model(model, device=device)
+    input_kind_h5ad = isinstance(input, str | os.PathLike) and str(input).endswith(".h5ad")
+    soma_kwargs = {}
+    if measurement_name != "RNA" or X_name is not None or obs_value_filter is not None:
+        soma_kwargs = {
+            "measurement_name": measurement_name,
+            "X_name": X_name,
+            "obs_value_filter": obs_value_filter,
+        }
+    source = open_source(input, layer=layer, **soma_kwargs)
+    leaves = _leaf_sources(source)
+    n_obs = int(source.shape[0])
+    if n_obs == 0:
+        raise ValueError(f"{source.name} has no cells.")
+    setup = net.setup_args
+    kwargs = {
+        "target_depth": target_depth,
+        "max_genes": max_genes,
+        "min_overlap": min_overlap,
+        "gene_symbols_key": gene_symbols_key,
+        "gene_ids_key": gene_ids_key,
+        "input_type": input_type,
+        "total_counts_key": total_counts_key,
+    }
+    tc_key = total_counts_key or setup.get("total_counts_key")
+    model_layer = setup.get("layer")
+    preps = []
+    for src in leaves:
+        try:
+            preps.append(_probe(net, src, model_layer, kwargs))
+        except (ValueError, KeyError) as err:
+            raise type(err)(f"{src.name}: {err}") from err
+    spec = preps[0].spec
+    if spec.input_type == "bulk":
+        raise ValueError(
+            "input_type='bulk' scales every sample to the median library size of the whole "
+            "data set, which a chunked run cannot know in advance; use scxtrimo.tl.embed."
+        )
+    width = (4 if pooling == "all" else 1) * net.config.encoder_dim
+    params = {
+        "key_added": key_added,
+        "pooling": pooling,
+        "target_depth": spec.target_depth.official(),
+        "max_genes": spec.max_genes,
+        "input_type": spec.input_type,
+        "layer": layer if layer is not None else model_layer,
+        "gene_symbols_key": preps[0].mapping.gene_symbols_key,
+        "gene_ids_key": preps[0].mapping.gene_ids_key,
+        "total_counts_key": tc_key,
+        "invalid_cells": invalid_cells,
+        "width": width,
+    }
+    fingerprint = {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "model": model_fingerprint(net),
+        "input": input_fingerprint(source),
+        "params": params,
+        "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
+    }
+
+    # 3. Create, resume or replace the store (rank 0; other ranks wait for it).
+    if rank == 0:
+        if overwrite:
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            store.remove()
+        if store.path.exists():
+            if not store.is_store():
+                raise ValueError(
+                    f"{store.path} exists but is not an scxtrimo embedding store for "
+                    f"obsm[{key_added!r}]; pass overwrite=True to replace it."
+                )
+            found = store.read_fingerprint()
+            if chunk_size is None:
+                fingerprint["chunk_size"] = found.get("chunk_size")
+            differ = _diff_keys(
+                {k: found.get(k) for k in ("format", "model", "input", "params", "chunk_size")},
+                {k: fingerprint[k] for k in ("format", "model", "input", "params", "chunk_size")},
+            )
+            if differ:
+                raise ValueError(
+                    f"Cannot resume into {store.path}: it was started with a different "
+                    f"{', '.join(sorted({d.split('.')[0] for d in differ}))} "
+                    f"(differences in: {', '.join(differ[:8])}). Use the same model, input and "
+                    "parameters, or pass overwrite=True to start again."
+                )
+        elif out.suffix == ".h5ad" and out.exists():
+            logger.info("%s is already complete.", out)
+            return out
+        else:
+            store.create(source.obs, width, fingerprint["chunk_size"], fingerprint)
+    else:
+        deadline = time.time() + 600
+        while not store.is_store():
+            if time.time() > deadline:
+                raise TimeoutError(f"rank {rank}: rank 0 did not create {store.path} in time.")
+            time.sleep(0.5)
+        fingerprint["chunk_size"] = store.read_fingerprint().get("chunk_size")
+
+    chunk = int(fingerprint["chunk_size"])
+    engine = _Engine(
+        module=net.module,
+        n_genes=net.config.n_genes,
+        width=width,
+        spec=spec,
+        col_to_vocab=[p.mapping.col_to_vocab for p in preps],
+        pooling=pooling,
+        invalid=invalid_cells,
+        total_counts_key=tc_key,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        source=source,
+        n_obs=n_obs,
+        chunk_size=chunk,
+        offsets=np.cumsum([0, *(s.shape[0] for s in leaves)]).astype(np.int64),
+    )
+    n_chunks = -(-n_obs // chunk)
+    if store.is_complete():
+        pending = []
+    else:
+        done = store.done_chunks()
+        pending = [k for k in range(n_chunks) if k not in done]
+        if done:
+            logger.info("Resuming: %d of %d chunks are done.", len(done), n_chunks)
+
+    # 4. The work.
+    if pending:
+        if multi:
+            _predict_distributed(
+                engine, store, pending, devices=devices, accelerator=accelerator,
+                strategy=strategy, num_nodes=num_nodes,
+            )  # fmt: skip
+            if rank != 0:
+                return out
+            _wait_for_chunks(store, n_chunks)
+        else:
+            dev = (
+                settings.resolve_device(device)
+                if device is not None
+                else next(net.module.parameters()).device
+            )
+            _embed_local(engine, store, pending, dev, progress_bar, _stop_after_chunks)
+
+    # 5. Finish: the report, then the h5ad if asked for.
+    if rank != 0:
+        return out
+    done = store.done_chunks()
+    missing = [k for k in range(n_chunks) if k not in done]
+    if missing:  # pragma: no cover - a rank failed without raising
+        raise RuntimeError(f"{len(missing)} chunks were not written (e.g. {missing[:5]}); resume.")
+    report = {
+        "model": net.source_,
+        "model_config": getattr(net.config, "name", None) or "custom",
+        "pooling": pooling,
+        "target_depth": params["target_depth"],
+        "max_genes": params["max_genes"],
+        "input_type": params["input_type"],
+        "layer": params["layer"],
+        "n_skipped_cells": int(sum(d.get("n_skipped", 0) for d in done.values())),
+        "embedding_width": width,
+        "scxtrimo_version": __version__,
+        "gene_overlap": preps[0].mapping.summary(),
+        "input": source.name,
+        "n_sources": len(leaves),
+        "chunk_size": chunk,
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+    }
+    if len(leaves) > 1:
+        report["gene_overlap_per_source"] = [p.mapping.summary() for p in preps]
+    if not store.is_complete():
+        store.finish(report)
+    if out.suffix == ".h5ad":
+        copy = input_kind_h5ad and len(leaves) == 1 if copy_input is None else copy_input
+        if copy and not (input_kind_h5ad and len(leaves) == 1):
+            raise ValueError("copy_input=True needs a single .h5ad input.")
+        _write_h5ad(store, out, report, Path(input) if copy else None)
+        store.remove()
+    logger.info("Wrote %s (obsm[%r], %d x %d).", out, key_added, n_obs, width)
+    return out
+
+
+def _embed_local(
+    engine: _Engine,
+    store: _Store,
+    pending: list[int],
+    device: torch.device,
+    progress_bar: bool | None,
+    stop_after: int | None,
+) -> None:
+    from tqdm.auto import tqdm
+
+    show = settings.progress_bar if progress_bar is None else progress_bar
+    kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
+    run_id = uuid.uuid4().hex
+    for i, k in enumerate(tqdm(pending, desc="Embedding chunks", unit="chunk", disable=not show)):
+        emb, n_skipped = engine.embed_chunk(k, device)
+        start, _ = engine.chunk_rows(k)
+        store.write_chunk(k, start, emb, {"n_skipped": n_skipped, "run": run_id, "rank": 0})
+        if kill_after and i + 1 >= kill_after:  # test hook: a real, unclean kill
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stop_after is not None and i + 1 >= stop_after:
+            raise _StopForTest(f"stopped after {i + 1} chunks (test hook)")
+
+
+def _wait_for_chunks(store: _Store, n_chunks: int, timeout: float = 600.0) -> None:
+    """Rank 0 of an externally launched run: wait until every rank's chunks are committed."""
+    deadline = time.time() + timeout
+    while len(store.done_chunks()) < n_chunks:
+        if time.time() > deadline:
+            raise TimeoutError(
+                f"Only {len(store.done_chunks())} of {n_chunks} chunks were written."
+            )
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: Lightning prediction with a writer into the store
+# ---------------------------------------------------------------------------------------------
+
+
+def _predict_distributed(
+    engine: _Engine,
+    store: _Store,
+    pending: list[int],
+    *,
+    devices: int,
+    accelerator: str,
+    strategy: str,
+    num_nodes: int,
+) -> None:
+    import lightning.pytorch as pl
+
+    from ._embed_distributed import ChunkDataModule, ChunkEmbedder, StoreWriter
+
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        callbacks=[StoreWriter(store.path, store.key)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        inference_mode=True,
+    )
+    trainer.predict(
+        ChunkEmbedder(engine),
+        datamodule=ChunkDataModule(pending),
+        return_predictions=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# h5ad output
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_h5ad(store: _Store, out: Path, report: dict, copy_from: Path | None) -> None:
+    """Write ``out`` from the finished store through a temporary file and a rename."""
+    import anndata as ad
+    import h5py
+    import zarr
+    from anndata.io import read_elem, write_elem
+
+    root = zarr.open_group(str(store.path), mode="r")
+    arr = root["obsm"][store.key]
+    n, width = arr.shape
+    step = arr.chunks[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if copy_from is not None:
+            shutil.copyfile(copy_from, tmp)  # byte copy: X is never loaded into memory
+        else:
+            ad.AnnData(obs=read_elem(root["obs"])).write_h5ad(tmp)
+        with h5py.File(tmp, "r+") as f:
+            obsm = f.require_group("obsm")
+            if "encoding-type" not in obsm.attrs:
+                obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+            if store.key in obsm:
+                del obsm[store.key]
+            ds = obsm.create_dataset(
+                store.key, shape=(n, width), dtype="float32", chunks=(max(1, min(step, n)), width)
+            )
+            ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            for start in range(0, n, step):  # one chunk in memory at a time
+                ds[start : start + step] = arr[start : start + step]
+            uns = f.require_group("uns")
+            existing = dict(read_elem(uns["scxtrimo"])) if "scxtrimo" in uns else {}
+            existing[store.key] = report
+            if "scxtrimo" in uns:
+                del uns["scxtrimo"]
+            write_elem(uns, "scxtrimo", existing)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def iter_embedding_store(path: str | os.PathLike, key: str = "X_scxtrimo") -> Iterator[np.ndarray]:
+    """Iterate over the embedding rows of a finished ``.zarr`` store, one chunk at a time.
+
+    For stores too large to load; ``anndata.read_zarr(path).obsm[key]`` loads it whole.
+
+    Parameters
+    ----------
+    path
+        A store written by :func:`embed_to_store`.
+    key
+        The ``obsm`` key.
+
+    Raises
+    ------
+    ValueError
+        If the store is not complete (resume the run first).
+    """
+    import zarr
+
+    store = _Store(Path(path), key)
+    if not store.is_store():
+        raise ValueError(f"{path} is not an scxtrimo embedding store for obsm[{key!r}].")
+    if not store.is_complete():
+        raise ValueError(
+            f"{path} is not complete; finish it with embed_to_store(..., resume=True)."
+        )
+    arr = zarr.open_group(str(path), mode="r")["obsm"][key]
+    step = arr.chunks[0]
+    return (np.asarray(arr[s : s + step]) for s in range(0, arr.shape[0], step))
