@@ -148,7 +148,7 @@ def nearest_type(lognorm, rows, seen, held_out_control, n_comps: int) -> tuple[n
     return _mean(lognorm, held_out_control) + response, {"nearest": nearest}
 
 
-def evaluate(adata, lognorm, args, model_source: str) -> dict:
+def evaluate(adata, lognorm, args) -> dict:
     obs = adata.obs
     types = list(obs[GROUP].cat.categories)
     rows = {
@@ -212,7 +212,7 @@ def evaluate(adata, lognorm, args, model_source: str) -> dict:
         }
         for name in names
     }
-    return {"cell_types": types, "per_cell_type": per_type, "mean": mean, "model": model_source}
+    return {"cell_types": types, "per_cell_type": per_type, "mean": mean}
 
 
 def _table(rows: dict[str, dict[str, float]]) -> list[str]:
@@ -222,6 +222,16 @@ def _table(rows: dict[str, dict[str, float]]) -> list[str]:
         cells = [f"**{r[m]:.3f}**" if r[m] == best[m] else f"{r[m]:.3f}" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _weights_hash(model: Path | None) -> str | None:
+    import hashlib
+
+    folder = (
+        Path(scxtrimo.__file__).parent / "_resources" / "pretrained" if model is None else model
+    )
+    weights = folder / "model.pt" if folder.is_dir() else folder
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
 
 
 def main() -> None:
@@ -248,6 +258,8 @@ def main() -> None:
         "source": net.source_,
         "config": _config_name(net),
         "training_args": net.training_args_,
+        # Which weights exactly: the shipped model may be replaced by a retrained one.
+        "weights_sha256": _weights_hash(args.model),
     }
     log(f"model: {model_info['path']} ({model_info['source']})")
     # Embed the control cells once (an embedding does not depend on the other cells); the
@@ -260,7 +272,7 @@ def main() -> None:
     embedding[is_control] = controls.obsm["X_scxtrimo"]
     adata.obsm["X_scxtrimo"] = embedding
     embed_seconds = time.perf_counter() - embed_start
-    res = evaluate(adata, lognorm, args, model_info["source"])
+    res = evaluate(adata, lognorm, args)
     total = time.perf_counter() - start
     command = "python benchmarks/evaluate_perturbation.py" + (
         f" --model {args.model}" if args.model else ""
