@@ -282,6 +282,17 @@ def load_pbmc4k():
     return adata, map_genes(adata.var).col_to_vocab
 
 
+def binomial_thin(matrix, rate: float, seed: int):
+    """Binomial down-sampling of a CSR counts matrix: each count ``c`` becomes
+    ``Binomial(c, rate)`` (seeded), zeros dropped; ``rate >= 1`` returns a copy unchanged."""
+    out = matrix.copy()
+    if rate < 1.0:
+        counts = out.data.astype(np.int64)  # float-stored counts too
+        out.data = np.random.default_rng(seed).binomial(counts, rate).astype(out.data.dtype)
+        out.eliminate_zeros()
+    return out
+
+
 def tokens_per_cell(matrix, col_to_vocab: np.ndarray) -> np.ndarray:
     """In-vocabulary non-zero entries per row of a CSR matrix (gene tokens, without T and S)."""
     in_vocab = (col_to_vocab >= 0)[matrix.indices]
@@ -347,15 +358,16 @@ def worker_main(target: str, payload: str, output: str) -> None:
     function = getattr(importlib.import_module(module_name), function_name)
     result = function(**json.loads(payload))
     result.setdefault("load_average_end", load_average())
-    Path(output).write_text(json.dumps(result, default=_json_default))
+    Path(output).write_text(json.dumps(result, default=json_default))
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` fallback: numpy scalars and arrays as numbers and lists, else text."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+    return str(obj)
 
 
 def log(message: str) -> None:

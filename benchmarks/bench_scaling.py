@@ -23,9 +23,9 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from _common import (
+    binomial_thin,
     encoder_flops,
     load_average,
     load_pbmc4k,
@@ -42,15 +42,6 @@ CONFIG = "tiny"
 THIN_SEED = 0
 
 
-def thin(matrix: sp.csr_matrix, rate: float, seed: int = THIN_SEED) -> sp.csr_matrix:
-    """Binomial down-sampling: each count ``c`` becomes ``Binomial(c, rate)``; zeros dropped."""
-    out = matrix.copy()
-    if rate < 1.0:
-        out.data = np.random.default_rng(seed).binomial(out.data, rate).astype(out.data.dtype)
-        out.eliminate_zeros()
-    return out
-
-
 def _tiny_model() -> XTrimoGene:
     import scxtrimo
 
@@ -61,7 +52,7 @@ def _tiny_model() -> XTrimoGene:
 def write_tiled_h5ad(path: str, n_cells: int, thin_rate: float) -> dict[str, Any]:
     """Worker: write down-sampled pbmc4k tiled to ``n_cells`` cells as a CSR ``.h5ad``."""
     adata, col_to_vocab = load_pbmc4k()
-    matrix = tile_csr(thin(adata.X, thin_rate), n_cells)
+    matrix = tile_csr(binomial_thin(adata.X, thin_rate, THIN_SEED), n_cells)
     tiled = ad.AnnData(
         X=matrix,
         obs=pd.DataFrame(index=[f"cell{i}" for i in range(n_cells)]),
@@ -123,7 +114,7 @@ def embed_by_depth(rates: list[float], n_cells: int, passes: int) -> dict[str, A
     subsets = {}
     for rate in rates:
         sub = adata[cells].copy()
-        sub.X = thin(sub.X, rate)
+        sub.X = binomial_thin(sub.X, rate, THIN_SEED)
         subsets[rate] = sub
     best = dict.fromkeys(rates, np.inf)
     for p in range(passes):

@@ -38,16 +38,9 @@ import anndata as ad
 import numpy as np
 
 import scxtrimo
-from _evaluation import (
-    KANG,
-    classification_scores,
-    load_model,
-    log,
-    machine,
-    pca_fit_transform,
-    write_results,
-)
+from _evaluation import KANG, load_model, log, machine, run_record, write_results
 from scxtrimo.model import XTrimoGene
+from scxtrimo.tl._evaluate import classification_scores, pca_fit_transform
 
 MODES = ("head", "last_layers", "full")
 KANG_TRAIN_DONORS = ["donor1015", "donor1256", "donor1488", "donor1244"]
@@ -264,13 +257,7 @@ def main() -> None:
         ]
         command = " ".join(part for part in parts if part)
         total = time.perf_counter() - start
-        result = {
-            "command": command,
-            "model": model_info,
-            "machine": machine(),
-            "total_seconds": total,
-            **res,
-        }
+        result = run_record(command, model_info, total_seconds=total, **res)
         lines = [
             f"Cell-type annotation on **{name}** ({res['split']}; {res['n_train']:,} training "
             f"and {res['n_test']:,} test cells, subsampled at random; {res['n_genes']:,} genes; "

@@ -33,26 +33,19 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 
 import scxtrimo
+from _common import binomial_thin
 from _evaluation import (
+    command_line,
     load_model,
     log,
-    log_normalize,
     machine,
     pretraining_split,
+    run_record,
     write_results,
 )
-
-
-def binomial_thin(counts: sp.csr_matrix, rate: float, seed: int) -> sp.csr_matrix:
-    """Keep each UMI with probability ``rate``."""
-    rng = np.random.default_rng(seed)
-    out = counts.copy().astype(np.int64)
-    out.data = rng.binomial(out.data, rate)
-    out.eliminate_zeros()
-    return out.tocsr()
+from scxtrimo.tl._evaluate import log_normalized
 
 
 def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -124,7 +117,7 @@ def main() -> None:
     model, model_info = load_model(args.model)
     adata = scxtrimo.datasets.pbmc4k()
     counts = adata.X.tocsr()
-    truth_all = log_normalize(counts)
+    truth_all = log_normalized(counts)
     genes = np.flatnonzero((counts > 0).sum(axis=0).A1 > 0)
     _, heldout = pretraining_split(adata.n_obs, model_info.get("training_args"))
     rng = np.random.default_rng(args.seed)
@@ -140,7 +133,7 @@ def main() -> None:
     for rate in args.rates:
         log(f"rate {rate}: baselines")
         down = binomial_thin(counts, rate, args.seed)
-        down_norm = log_normalize(down)
+        down_norm = log_normalized(down)
         depth = np.asarray(down.sum(axis=1)).ravel()[cells]
         rows = {
             "down-sampled input": score(down_norm[np.ix_(cells, genes)], truth),
@@ -187,21 +180,20 @@ def main() -> None:
             "methods": rows,
         }
     total = time.perf_counter() - start_all
-    command = (
-        "python benchmarks/evaluate_enhancement.py"
-        + (f" --model {args.model}" if args.model else "")
-        + f" --rates {' '.join(f'{r:g}' for r in args.rates)} --n-cells {args.n_cells}"
-        f" --seed {args.seed}"
+    rates = " ".join(f"{r:g}" for r in args.rates)
+    command = command_line(
+        "evaluate_enhancement.py",
+        args.model,
+        f" --rates {rates} --n-cells {args.n_cells} --seed {args.seed}",
     )
-    result = {
-        "command": command,
-        "model": model_info,
-        "machine": machine(),
-        "n_cells": int(cells.size),
-        "n_genes": int(genes.size),
-        "total_seconds": total,
-        "results": results,
-    }
+    result = run_record(
+        command,
+        model_info,
+        n_cells=int(cells.size),
+        n_genes=int(genes.size),
+        total_seconds=total,
+        results=results,
+    )
     lines = [
         f"Read-depth enhancement on {cells.size} pbmc4k cells held out from pretraining "
         f"(`{model_info['config']}` model, `{model_info['path']}`"

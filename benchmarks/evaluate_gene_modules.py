@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 
 import scxtrimo
-from _evaluation import load_model, log, log_normalize, machine, write_results
+from _evaluation import command_line, load_model, log, machine, run_record, write_results
 from scxtrimo.model import XTrimoGene
+from scxtrimo.tl._evaluate import log_normalized
 
 MARKERS = {
     "T cell": ["CD3D", "CD3E", "CD2", "IL7R"],
@@ -99,7 +100,7 @@ def main() -> None:
     start_all = time.perf_counter()
     model, model_info = load_model(args.model)
     adata = scxtrimo.datasets.pbmc4k()
-    norm = log_normalize(adata.X)
+    norm = log_normalized(adata.X)
     variance = norm.var(axis=0)
     top = set(adata.var_names[np.argsort(-variance)[: args.n_genes]])
     markers = [g for genes in MARKERS.values() for g in genes]
@@ -143,22 +144,21 @@ def main() -> None:
                 pd.Series(labels, index=genes), args.permutations, args.seed
             )
     total = time.perf_counter() - start_all
-    command = (
-        "python benchmarks/evaluate_gene_modules.py"
-        + (f" --model {args.model}" if args.model else "")
-        + f" --n-genes {args.n_genes} --max-cells {args.max_cells} --n-modules {args.n_modules}"
-        f" --resolution {args.resolution:g} --seed {args.seed}"
+    command = command_line(
+        "evaluate_gene_modules.py",
+        args.model,
+        f" --n-genes {args.n_genes} --max-cells {args.max_cells} --n-modules {args.n_modules}"
+        f" --resolution {args.resolution:g} --seed {args.seed}",
     )
-    result = {
-        "command": command,
-        "model": model_info,
-        "machine": machine(),
-        "n_genes": len(genes),
-        "markers_missing": missing,
-        "context_seconds": context_seconds,
-        "total_seconds": total,
-        "results": rows,
-    }
+    result = run_record(
+        command,
+        model_info,
+        n_genes=len(genes),
+        markers_missing=missing,
+        context_seconds=context_seconds,
+        total_seconds=total,
+        results=rows,
+    )
     lines = [
         f"Gene modules on pbmc4k: {len(genes):,} genes (the {args.n_genes:,} most variable + "
         f"markers), `{model_info['config']}` model (`{model_info['path']}`)"
