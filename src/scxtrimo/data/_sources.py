@@ -306,7 +306,8 @@ class SomaSource:
     Parameters
     ----------
     uri
-        Local path or URI (``s3://…``, ``tiledb://…``) of a SOMA ``Experiment``.
+        Local path or URI (``s3://…``, ``tiledb://…``) of a SOMA ``Experiment``, or an opened
+        ``tiledbsoma.Experiment`` (e.g. ``census["census_data"]["homo_sapiens"]``).
     measurement_name
         The measurement holding the gene expression (``"RNA"``).
     X_name
@@ -350,6 +351,9 @@ class SomaSource:
             raise ImportError(
                 "Reading TileDB-SOMA needs the tiledbsoma package: pip install 'scxtrimo[soma]'."
             ) from err
+        if isinstance(uri, tiledbsoma.Experiment):  # an opened Experiment (e.g. the Census)
+            context = uri.context if context is None else context
+            uri = uri.uri
         self.uri = str(uri)
         self.name = self.uri
         self.measurement_name = measurement_name
@@ -444,7 +448,10 @@ class SomaSource:
         if rows.size == 0:
             return sp.csr_matrix((0, n_vars), dtype=np.float32)
         joinids = self.obs_joinids[rows]
-        table = self._open_X().read(coords=(joinids,)).tables().concat()
+        lo, hi = int(joinids[0]), int(joinids[-1])
+        # Consecutive joinids (the usual case for a chunk): one range read, not point reads.
+        coords = slice(lo, hi) if hi - lo + 1 == joinids.size else joinids
+        table = self._open_X().read(coords=(coords,)).tables().concat()
         dim0 = table["soma_dim_0"].to_numpy()
         dim1 = table["soma_dim_1"].to_numpy()
         data = table["soma_data"].to_numpy()
@@ -557,7 +564,7 @@ def open_source(obj: Any, *, layer: str | None = None, **soma_kwargs: Any) -> Ro
     Parameters
     ----------
     obj
-        An AnnData (in memory or backed); a path to an ``.h5ad`` file or an AnnData ``.zarr``
+        An AnnData (in memory or backed); an opened ``tiledbsoma.Experiment``; a path to an ``.h5ad`` file or an AnnData ``.zarr``
         store; a local path or URI of a TileDB-SOMA experiment; a row source (returned as is);
         or a list of any of these, read one after the other as one stream
         (:class:`ConcatSource`).
@@ -576,6 +583,8 @@ def open_source(obj: Any, *, layer: str | None = None, **soma_kwargs: Any) -> Ro
     """
     if isinstance(obj, AnnData):
         return AnnDataSource(obj, layer=layer)
+    if type(obj).__name__ == "Experiment" and type(obj).__module__.startswith("tiledbsoma"):
+        return SomaSource(obj, **soma_kwargs)
     if isinstance(obj, list | tuple):
         if len(obj) == 1:
             return open_source(obj[0], layer=layer, **soma_kwargs)
