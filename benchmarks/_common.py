@@ -136,6 +136,11 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "all_s": list(times)}
 
 
+def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of ``log y`` against ``log x`` (1 = linear growth)."""
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
 # ------------------------------------------------------------------------------------------
 # memory
 # ------------------------------------------------------------------------------------------

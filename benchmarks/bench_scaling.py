@@ -141,8 +141,3 @@ def embed_by_depth(rates: list[float], n_cells: int, passes: int) -> dict[str, A
             f"depth {rate:.2f}: {levels[-1]['mean_nnz']:.0f} nnz, {best[rate] / n_cells * 1e3:.1f} ms/cell"
         )
     return {"config": CONFIG, "levels": levels, "load_average_start": load_start}
-
-
-def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of ``log y`` against ``log x`` (1 = linear growth)."""
-    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
