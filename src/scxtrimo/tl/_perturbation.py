@@ -614,7 +614,7 @@ def _assemble(adata: AnnData, plan: dict, x: np.ndarray, *, condition_key: str) 
     source = adata.obs.iloc[rows]
     frames = []
     for c in plan["seen_by_condition"]:
-        obs = source.copy()
+        obs = source.drop(columns=["source_cell", "prediction"], errors="ignore")
         obs.insert(0, "source_cell", source.index.astype(str))
         obs[condition_key] = c
         obs["prediction"] = True
