@@ -26,6 +26,7 @@ __all__ = [
     "log",
     "machine",
     "pretraining_split",
+    "quiet",
     "run_record",
     "write_results",
 ]
@@ -49,6 +50,14 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_average_1_5_15": load_average(),
     }
+
+
+def quiet() -> None:
+    """No progress bars and errors only: the scripts' own log lines are the progress report."""
+    import scxtrimo
+
+    scxtrimo.settings.progress_bar = False
+    scxtrimo.settings.verbosity = "error"
 
 
 def load_model(path: Path | None):

@@ -38,7 +38,7 @@ import anndata as ad
 import numpy as np
 
 import scxtrimo
-from _evaluation import KANG, load_model, log, machine, run_record, write_results
+from _evaluation import KANG, load_model, log, machine, quiet, run_record, write_results
 from scxtrimo.model import XTrimoGene
 from scxtrimo.tl._evaluate import classification_scores, pca_fit_transform
 
@@ -236,8 +236,7 @@ def main() -> None:
     )
     parser.add_argument("--no-lp-ft", dest="lp_ft", action="store_false", default=True)
     args = parser.parse_args()
-    scxtrimo.settings.progress_bar = False
-    scxtrimo.settings.verbosity = "error"
+    quiet()
     _, model_info = load_model(args.model)
     splits = {"kang": kang_split, "pbmc4k": pbmc_split}
     for name in args.datasets:

@@ -42,6 +42,7 @@ from _evaluation import (
     log,
     machine,
     pretraining_split,
+    quiet,
     run_record,
     write_results,
 )
@@ -111,8 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    scxtrimo.settings.progress_bar = False
-    scxtrimo.settings.verbosity = "error"
+    quiet()
     start_all = time.perf_counter()
     model, model_info = load_model(args.model)
     adata = scxtrimo.datasets.pbmc4k()

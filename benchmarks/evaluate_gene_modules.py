@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 import scxtrimo
-from _evaluation import command_line, load_model, log, machine, run_record, write_results
+from _evaluation import command_line, load_model, log, machine, quiet, run_record, write_results
 from scxtrimo.model import XTrimoGene
 from scxtrimo.tl._evaluate import log_normalized
 
@@ -95,8 +95,7 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    scxtrimo.settings.progress_bar = False
-    scxtrimo.settings.verbosity = "error"
+    quiet()
     start_all = time.perf_counter()
     model, model_info = load_model(args.model)
     adata = scxtrimo.datasets.pbmc4k()

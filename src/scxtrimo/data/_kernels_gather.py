@@ -70,6 +70,7 @@ def _gather_dense_rows(lo, hi, csr, col_to_vocab, rows, n_vocab, lowest_bit, scr
         b = np.int64(indptr[r + 1])
         lo_word = n_words
         hi_word = np.int64(-1)
+        # The same column check as _gather_sorted_row's: kept inline, the innermost hot loop.
         for p in range(a, b):
             col = np.int64(indices[p])
             if col < 0 or col >= n_cols:

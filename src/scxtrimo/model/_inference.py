@@ -263,6 +263,7 @@ def prepare_input(
 # ----------------------------------------------------------------------------------------
 
 
+# XTrimoGene._latent_from_prepared repeats this signature: the delegate train/ and tl/ call.
 @torch.inference_mode()
 def latent_from_prepared(
     module: XTrimoGeneModule,
