@@ -1,5 +1,6 @@
 """User-facing models (scvi-tools API)."""
 
-from ._model import PreparedInput, XTrimoGene
+from ._inference import PreparedInput
+from ._model import XTrimoGene
 
 __all__ = ["PreparedInput", "XTrimoGene"]
