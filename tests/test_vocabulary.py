@@ -44,10 +44,18 @@ def test_ensembl_version_suffix_is_ignored(vocab):
     assert m.col_to_vocab[1] == -1
 
 
-def test_ensembl_ids_in_var_names_are_detected_with_a_suggestion(pbmc):
+def test_ensembl_ids_in_var_names_are_matched_by_id(pbmc):
     var = pd.DataFrame({"symbol": pbmc.var_names.to_numpy()}, index=pbmc.var["gene_ids"].to_numpy())
-    with pytest.raises(ValueError, match="look like Ensembl") as err:
-        map_genes(var)
+    by_id = map_genes(var)  # no argument needed
+    expected = map_genes(pbmc.var, gene_ids_key="gene_ids")
+    np.testing.assert_array_equal(by_id.col_to_vocab, expected.col_to_vocab)
+    assert by_id.matched_by["ensembl"] == by_id.n_matched_columns
+    var.index = var.index + ".17"  # versioned IDs too
+    np.testing.assert_array_equal(map_genes(var).col_to_vocab, expected.col_to_vocab)
+    # Ensembl IDs where symbols were asked for: an error with a suggestion.
+    var["ids"] = var.index
+    with pytest.raises(ValueError, match="looks like Ensembl") as err:
+        map_genes(var, gene_symbols_key="ids")
     assert "gene_symbols_key='symbol'" in str(err.value)
 
 

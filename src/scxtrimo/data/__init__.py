@@ -17,6 +17,7 @@ from ._sources import (
 from ._tokens import InputSpec, MaskingSpec, TargetDepth, TokenIndex, pretraining_batch
 from ._validation import CellStats, invalid_cells, scan_cells
 from ._vocabulary import (
+    DuplicateGenesWarning,
     GeneMapping,
     GeneVocabulary,
     LowVocabularyCoverageWarning,
@@ -29,6 +30,7 @@ __all__ = [
     "AnnDataSource",
     "CellStats",
     "ConcatSource",
+    "DuplicateGenesWarning",
     "GeneMapping",
     "GeneVocabulary",
     "H5adSource",

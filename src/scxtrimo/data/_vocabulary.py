@@ -48,6 +48,10 @@ class LowVocabularyCoverageWarning(UserWarning):
     """
 
 
+class DuplicateGenesWarning(UserWarning):
+    """Several columns of the data have the same gene name; the warning says how they are used."""
+
+
 @dataclass(frozen=True)
 class GeneVocabulary:
     """The ordered gene vocabulary of a model.
@@ -235,6 +239,12 @@ def map_genes(
     it): Ensembl ID from ``var[gene_ids_key]`` (version suffixes such as ``.12`` are ignored),
     exact symbol from ``var_names`` or ``var[gene_symbols_key]``, then case-insensitive symbol.
 
+    When the ``var_names`` themselves are Ensembl IDs (as in CELLxGENE files and the Census,
+    e.g. ``ENSG00000141510`` or versioned ``ENSG00000141510.17``) and neither key is given,
+    they are matched by ID (version suffixes ignored) with no extra argument. Columns with the
+    same name (duplicated ``var_names``) map to the same gene: a
+    :class:`DuplicateGenesWarning` says so, and ``duplicates`` says how they are combined.
+
     Parameters
     ----------
     var
@@ -279,25 +289,34 @@ def map_genes(
     col_to_vocab = np.full(n_vars, -1, dtype=np.int64)
     claimed_by_rule = np.zeros(n_vars, dtype=np.int8)  # 0 none, 1 ensembl, 2 exact, 3 case
 
+    ids_from_var_names = False
     if gene_ids_key is None and looks_like_ensembl(symbols):
-        where = f"var[{gene_symbols_key!r}]" if gene_symbols_key else "var_names"
-        raise ValueError(
-            f"{where} look like Ensembl gene IDs (e.g. {', '.join(symbols[:3])}), but gene "
-            "symbols were expected. Pass gene_ids_key=<a var column with Ensembl IDs> (when the "
-            "IDs are the var_names, put them in a column first: "
-            "adata.var['gene_ids'] = adata.var_names) or gene_symbols_key=<a var column with "
-            f"symbols>. {_suggest_columns(var, vocab)}"
+        if gene_symbols_key is not None:
+            raise ValueError(
+                f"var[{gene_symbols_key!r}] looks like Ensembl gene IDs (e.g. "
+                f"{', '.join(symbols[:3])}), but gene symbols were expected. Pass "
+                f"gene_ids_key={gene_symbols_key!r} to match them by ID, or "
+                f"gene_symbols_key=<a var column with symbols>. {_suggest_columns(var, vocab)}"
+            )
+        # Ensembl IDs as var_names (CELLxGENE, Census, Cell Ranger features): match by ID,
+        # version suffixes (ENSG00000141510.17) ignored.
+        ids_from_var_names = True
+        logger.info(
+            "var_names look like Ensembl gene IDs (e.g. %s): matching them by ID, version "
+            "suffixes ignored.",
+            ", ".join(symbols[:2]),
         )
 
-    if gene_ids_key is not None:
-        ids = pd.Index(var[gene_ids_key].astype(str)).str.replace(
-            _ENSEMBL_VERSION_RE, "", regex=True
-        )
+    if gene_ids_key is not None or ids_from_var_names:
+        raw = var.index if ids_from_var_names else var[gene_ids_key]
+        ids = pd.Index(raw.astype(str)).str.replace(_ENSEMBL_VERSION_RE, "", regex=True)
         hit = vocab.ensembl.reindex(ids).to_numpy()
         found = ~np.isnan(hit)
         col_to_vocab[found] = hit[found].astype(np.int64)
         claimed_by_rule[found] = 1
 
+    if ids_from_var_names:
+        symbols = pd.Index(np.full(n_vars, "", dtype=object)).astype(str)  # no symbol rules
     exact = pd.Series(np.arange(vocab.n_genes), index=vocab.symbols)
     todo = col_to_vocab < 0
     hit = exact.reindex(symbols[todo]).to_numpy()
@@ -347,6 +366,24 @@ def map_genes(
             )
         if duplicates == "first":
             col_to_vocab[mapped[is_repeat]] = -1
+        was_mapped = np.zeros(n_vars, dtype=bool)
+        was_mapped[mapped] = True
+        repeated = names[names.duplicated(keep=False) & was_mapped]
+        if len(repeated) and duplicates != "error":
+            how = (
+                "their counts are summed into that gene (duplicates='sum')"
+                if duplicates == "sum"
+                else "only the first column is used (duplicates='first')"
+            )
+            warnings.warn(
+                f"{repeated.nunique():,} var_names occur more than once (e.g. "
+                f"{', '.join(pd.unique(repeated)[:3])}); each maps to one vocabulary gene and "
+                f"{how}. Pass duplicates='first' to keep the first column, 'error' to refuse, or "
+                "make the names unique (adata.var_names_make_unique()) to use only the first "
+                "under its name.",
+                DuplicateGenesWarning,
+                stacklevel=2,
+            )
 
     matched_by = {
         "ensembl": int((claimed_by_rule == 1).sum()),
