@@ -28,6 +28,8 @@ class ChunkEmbedder(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         k = int(batch)
+        if k < 0:  # placeholder of a rank without chunks (Lightning needs one batch per rank)
+            return None
         self.engine.module = self.net
         emb, n_skipped = self.engine.embed_chunk(k, self.device)
         return k, emb, n_skipped
@@ -47,7 +49,7 @@ class ChunkDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        mine = self.pending[rank::world]
+        mine = self.pending[rank::world] or [-1]
         return DataLoader(mine, batch_size=1, shuffle=False, collate_fn=_first)
 
 
@@ -73,6 +75,8 @@ class StoreWriter(BasePredictionWriter):
     ) -> None:
         from ._embed_store import _Store
 
+        if prediction is None:
+            return
         if self._store is None:
             self._store = _Store(Path(self.path), self.key)
         k, emb, n_skipped = prediction
