@@ -414,8 +414,13 @@ def map_genes(
     return mapping
 
 
-def log_overlap(mapping: GeneMapping, count_fraction: float | None = None) -> None:
-    """Log the overlap report and warn when the dataset covers little of the vocabulary."""
+def log_overlap(
+    mapping: GeneMapping, count_fraction: float | None = None, *, stacklevel: int = 3
+) -> None:
+    """Log the overlap report and warn when the dataset covers little of the vocabulary.
+
+    ``stacklevel`` of the warning: 3 points past the function that called this one.
+    """
     share = "" if count_fraction is None else f", {count_fraction:.1%} of counts"
     logger.info(
         "%d of %d genes map to %d of %d vocabulary genes%s.",
@@ -432,5 +437,5 @@ def log_overlap(mapping: GeneMapping, count_fraction: float | None = None) -> No
             "transcriptome, and a gene subset (e.g. highly variable genes) gives weaker "
             "embeddings. Use the unfiltered counts (e.g. adata.raw) if you have them.",
             LowVocabularyCoverageWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )

@@ -224,7 +224,7 @@ def prepare_input(
         var_names=adata.var_names,
         rows=None if indices is None else cells,
     )
-    log_overlap(mapping, stats.count_fraction)
+    log_overlap(mapping, stats.count_fraction, stacklevel=4)  # past XTrimoGene.prepare_input
     if total_counts is not None and args["input_type"] == "log1p":
         # S comes from the given totals, so validity is judged on them.
         stats = CellStats(total_counts, stats.n_tokens, stats.count_fraction)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +13,7 @@ from scxtrimo._version import __version__
 if TYPE_CHECKING:
     from mudata import MuData
 
-    from scxtrimo.model import PreparedInput, XTrimoGene
+    from scxtrimo.model import XTrimoGene
 
 # How a tool may read an AnnData differently from how the model was set up.
 SETUP_KEYS = ("layer", "gene_symbols_key", "gene_ids_key", "input_type", "total_counts_key")
@@ -107,42 +106,17 @@ def record(target: AnnData, key_added: str, params: dict[str, Any]) -> None:
     target.uns.setdefault("scxtrimo", {})[key_added] = {**params, "scxtrimo_version": __version__}
 
 
-@dataclass
-class ToolInput:
-    """What a tool works on once the shared preamble has run.
-
-    Attributes
-    ----------
-    adata
-        What the tool returns with ``copy=True`` (the copy), else the caller's object.
-    target
-        The AnnData read and written: ``adata`` or its MuData modality.
-    model
-        The resolved model.
-    overrides
-        The caller's input settings, passed on to every read of ``target``.
-    """
-
-    adata: AnnData | MuData
-    target: AnnData
-    model: XTrimoGene
-    overrides: dict[str, Any]
-
-    def prepare(self, **kwargs: Any) -> PreparedInput:
-        """Check ``target`` with the caller's input settings; see ``XTrimoGene.prepare_input``."""
-        return self.model.prepare_input(self.target, **kwargs, **self.overrides)
-
-
 def start_tool(
-    adata: AnnData | MuData,
-    model: Any,
-    *,
-    mod: str | None,
-    copy: bool,
-    device: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ToolInput:
-    """Copy if asked, pick the modality and resolve the model, in that order (errors first)."""
+    adata: AnnData | MuData, model: Any, *, mod: str | None, copy: bool, device: str | None = None
+) -> tuple[AnnData | MuData, AnnData, XTrimoGene]:
+    """Copy if asked, pick the modality and resolve the model, in that order (errors first).
+
+    Returns
+    -------
+    What the tool returns with ``copy=True`` (the copy, else ``adata``), the AnnData it reads
+    and writes (``adata`` or its MuData modality), and the model. The tool then checks its
+    input with ``model.prepare_input(target, ..., **overrides)`` itself, so that the input
+    warnings point at the user's call.
+    """
     adata = copied_if(adata, copy)
-    target = target_of(adata, mod)
-    return ToolInput(adata, target, resolve_model(model, device=device), overrides or {})
+    return adata, target_of(adata, mod), resolve_model(model, device=device)

@@ -111,9 +111,10 @@ def embed(
     >>> sc.tl.umap(adata)
     """
     overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
-    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
-    adata, target, net = run.adata, run.target, run.model
-    prep = run.prepare(target_depth=target_depth, max_genes=max_genes, invalid=invalid_cells)
+    adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
+    prep = net.prepare_input(
+        target, target_depth=target_depth, max_genes=max_genes, invalid=invalid_cells, **overrides
+    )
     emb = net._latent_from_prepared(
         prep,
         batch_size=batch_size,

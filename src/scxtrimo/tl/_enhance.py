@@ -126,10 +126,9 @@ def enhance(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
-    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
-    adata, target, net = run.adata, run.target, run.model
+    adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
     # Validate everything (genes, cells) before the long decoder run.
-    prep = run.prepare(target_depth=target_depth, invalid=invalid_cells)
+    prep = net.prepare_input(target, target_depth=target_depth, invalid=invalid_cells, **overrides)
     cols, outside = _selected_columns(target, prep.mapping.col_to_vocab, genes)
     from scxtrimo.data._vocabulary import load_vocabulary
 

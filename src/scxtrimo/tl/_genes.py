@@ -78,8 +78,7 @@ def gene_embeddings(
     >>> scxtrimo.tl.gene_embeddings(adata, model)
     >>> adata.varm["scxtrimo_gene_embedding"].shape
     """
-    run = start_tool(adata, model, mod=mod, copy=copy)
-    adata, target, net = run.adata, run.target, run.model
+    adata, target, net = start_tool(adata, model, mod=mod, copy=copy)
     mapping = _mapping(net, target, gene_symbols_key, gene_ids_key)
     table = net.module.gene_embedding_table().detach().float().cpu().numpy()
     out = np.full((target.n_vars, table.shape[1]), np.nan, dtype=np.float32)
@@ -265,9 +264,8 @@ def context_gene_embeddings(
     >>> adata[:, markers].varm["scxtrimo_context_gene_embedding"].shape  # (4, groups, d)
     """
     overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
-    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
-    adata, target, net = run.adata, run.target, run.model
-    prep = run.prepare(target_depth=target_depth, invalid=invalid_cells)
+    adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
+    prep = net.prepare_input(target, target_depth=target_depth, invalid=invalid_cells, **overrides)
     col_to_vocab = prep.mapping.col_to_vocab
     cols = _columns_for(target, col_to_vocab, genes)
     if groupby is None:
@@ -499,8 +497,7 @@ def gene_modules(
         raise ValueError(f"use must be 'context' or 'table', not {use!r}.")
     method = method or ("hierarchical" if n_modules is not None else "leiden")
     overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
-    run = start_tool(adata, model, mod=mod, copy=copy, device=device, overrides=overrides)
-    adata, target, net = run.adata, run.target, run.model
+    adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
     mapping = _mapping(net, target, gene_symbols_key, gene_ids_key)
     col_to_vocab = mapping.col_to_vocab
     if genes is None:
@@ -521,7 +518,7 @@ def gene_modules(
         table = net.module.gene_embedding_table().detach().float().cpu().numpy()
         emb = table[col_to_vocab[cols]]
     else:
-        prep = run.prepare(target_depth=target_depth, invalid="skip")
+        prep = net.prepare_input(target, target_depth=target_depth, invalid="skip", **overrides)
         codes = np.full(target.n_obs, -1, dtype=np.int64)
         codes[prep.cells] = 0
         cells = _sample_cells(codes, 1, max_cells, seed)
