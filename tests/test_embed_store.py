@@ -135,6 +135,10 @@ def test_resume_refuses_other_model_input_or_parameters(h5ad, cells, tiny_model,
 
 
 def test_refuses_more_devices_than_exist(h5ad, tiny_model, tmp_path):
+    before = h5ad.read_bytes()
+    with pytest.raises(ValueError, match="must not be the input"):
+        scxtrimo.tl.embed_to_store(h5ad, h5ad, tiny_model, overwrite=True)
+    assert h5ad.read_bytes() == before
     out = tmp_path / "e.zarr"
     with pytest.raises(ValueError, match="CPU cores"):
         scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, devices=10_000, accelerator="cpu")

@@ -374,6 +374,7 @@ class _Store:
     def write_chunk(self, k: int, start: int, emb: np.ndarray, info: dict) -> None:
         """Write the rows of chunk ``k``, then commit it (marker moved into place)."""
         self.array()[start : start + emb.shape[0]] = emb
+        info = {**info, "n_rows": int(emb.shape[0]), "committed_at": time.time()}
         _atomic_write_text(self.done_dir / f"{k:09d}", json.dumps(info))
 
     def finish(self, report: dict) -> None:
@@ -608,6 +609,11 @@ def embed_to_store(
         out if out.suffix == ".zarr" else out.with_name(f".{out.name}.scxtrimo.zarr"), key_added
     )
 
+    for item in input if isinstance(input, list | tuple) else [input]:
+        if isinstance(item, str | os.PathLike) and Path(item).resolve() == out.resolve():
+            raise ValueError(
+                "The output must not be the input; scxtrimo never overwrites its input."
+            )
     # 1. Existing outputs: before anything is loaded.
     if rank == 0:
         exists = out.exists() or (out.suffix == ".h5ad" and store.path.exists())
@@ -617,12 +623,6 @@ def embed_to_store(
                 f"{what} exists. Pass resume=True (--resume) to continue an interrupted run into "
                 "it, or overwrite=True (--overwrite) to replace it."
             )
-    if (
-        isinstance(input, str | os.PathLike)
-        and out.exists()
-        and Path(input).resolve() == out.resolve()
-    ):
-        raise ValueError("The output must not be the input; scxtrimo never overwrites its input.")
 
     # 2. Model, input and every check that does not need the whole data.
     net = resolve_model(model, device=device)
