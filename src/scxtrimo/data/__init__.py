@@ -6,6 +6,7 @@ Nothing in this namespace imports Lightning or scvi-tools.
 from ._loading import InferenceBatch, iter_inference_batches, plan_batches
 from ._matrix import get_matrix, iter_row_chunks
 from ._sources import (
+    AnnDataFileSource,
     AnnDataSource,
     ConcatSource,
     H5adSource,
@@ -27,6 +28,7 @@ from ._vocabulary import (
 )
 
 __all__ = [
+    "AnnDataFileSource",
     "AnnDataSource",
     "CellStats",
     "ConcatSource",

@@ -113,8 +113,9 @@ def _file_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-class _AnnDataFileSource:
-    """Shared code of the ``.h5ad`` and ``.zarr`` readers (lazily opened, picklable)."""
+class AnnDataFileSource:
+    """Base of the on-disk AnnData readers (:class:`H5adSource`, :class:`ZarrSource`): lazily
+    opened, read by rows, picklable (each worker or rank reopens the file)."""
 
     kind = "file"
 
@@ -201,7 +202,7 @@ class _AnnDataFileSource:
         return f"{type(self).__name__}({self.name!r}, shape={self.shape})"
 
 
-class H5adSource(_AnnDataFileSource):
+class H5adSource(AnnDataFileSource):
     """An ``.h5ad`` file read by rows through h5py (the matrix stays on disk).
 
     Parameters
@@ -228,7 +229,7 @@ class H5adSource(_AnnDataFileSource):
         super()._close()
 
 
-class ZarrSource(_AnnDataFileSource):
+class ZarrSource(AnnDataFileSource):
     """An AnnData ``.zarr`` store (as written by ``AnnData.write_zarr``) read by rows.
 
     Parameters
@@ -329,7 +330,7 @@ class SomaSource:
     -----
     Rows are cells in ``soma_joinid`` order of the filtered ``obs``; columns are all ``var``
     rows in ``soma_joinid`` order. The other ``var`` columns (``feature_id`` with Ensembl IDs
-    in the Census) stay in :attr:`var`, so ``gene_ids_key="feature_id"`` maps by Ensembl ID.
+    in the Census) stay in ``var``, so ``gene_ids_key="feature_id"`` maps by Ensembl ID.
     """
 
     kind = "soma"
@@ -489,7 +490,7 @@ class ConcatSource:
     """Several row sources read as one stream of rows (e.g. ``.h5ad`` shards).
 
     The sources may have different genes: each keeps its own ``var`` and is mapped to the
-    vocabulary on its own; :attr:`var` is the first source's. Rows are numbered
+    vocabulary on its own; ``var`` is the first source's. Rows are numbered
     consecutively, source after source.
 
     Parameters

@@ -21,13 +21,11 @@ from scvi.train import TrainRunner
 
 from scxtrimo._settings import settings
 from scxtrimo.data._matrix import get_matrix
-from scxtrimo.data._tokens import MaskingSpec, TargetDepth, TokenIndex
+from scxtrimo.data._tokens import MaskingSpec, TargetDepth
 from scxtrimo.data._validation import scan_cells
 from scxtrimo.data._vocabulary import log_overlap, map_genes
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
-from scxtrimo.train._datamodule import PretrainingDataModule, PretrainingDataset
 from scxtrimo.train._finetune import FinetuneMode
-from scxtrimo.train._gene_bias import expected_masked_values
 from scxtrimo.train._plan import XTrimoGeneTrainingPlan
 
 from . import _inference
@@ -682,63 +680,101 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         self,
         max_epochs: int = 10,
         *,
+        corpus: Sequence[AnnData | str | os.PathLike] | None = None,
         batch_size: int = 32,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int | None = None,
         train_size: float = 0.9,
         masking: MaskingSpec | dict | None = None,
+        view_masking: MaskingSpec | dict | None = None,
+        contrastive_weight: float = 1.0,
+        temperature: float = 0.2,
         max_genes: int | None = 1024,
         seed: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        strategy: str | None = None,
+        num_nodes: int | None = None,
         precision: str | int | None = None,
         gradient_clip_val: float = 1.0,
         num_workers: int = 0,
         invalid_cells: InvalidCells = "skip",
+        drop_last: bool = False,
         plan_kwargs: dict | None = None,
         finetune: FinetuneMode | None = None,
         n_last_layers: int = 1,
         **trainer_kwargs,
     ):
-        """Pretrain with masked regression, or fine-tune for annotation, through Lightning.
+        """Pretrain (read-depth-aware masked regression + a cell-level term) or fine-tune.
 
-        Each epoch, 30% of every cell's non-zero genes and 3% of its zero genes are masked and
-        predicted (MSE on log-normalised values); half of the cells are binomially
-        down-sampled first so that the model learns to map a shallow cell (``S``) to its full
-        depth (``T``). Settings follow scFoundation and can be changed through ``masking``.
+        The pretraining objective has two parts. **Read-depth-aware masked regression**
+        (scFoundation): half of the cells are binomially down-sampled to a random fraction of
+        their counts; the input carries the lower depth ``S``, ``T`` keeps the original one,
+        and the decoder predicts the original cell's normalised values at masked non-zero
+        genes, masked zero genes and the genes the encoder saw, so one cell at two depths maps
+        to one state. **A cell-level contrastive term**: a second view of each cell, with
+        independent down-sampling and masks (and ``T = S``, so depth cannot identify it), is
+        encoded, and InfoNCE over the batch asks each view's pooled embedding to find its
+        twin (weight ``contrastive_weight``; 0 turns it off). The masked-regression term alone
+        teaches the encoder little cell identity; the contrastive term is what makes the
+        embedding separate cell types (see the evaluation in the docs).
+
+        Training can run over several studies (``corpus``), each with its own gene set:
+        batches never mix studies, genes a study did not measure carry no loss and are given
+        to the decoder as unknown (the mask embedding), never as zeros.
 
         Parameters
         ----------
         max_epochs
-            Passes over the training cells.
+            Passes over the training cells (``max_steps=`` in ``trainer_kwargs`` caps steps).
+        corpus
+            Studies to pretrain on: AnnData objects (in memory, backed or views) or ``.h5ad``
+            paths (read backed), each with raw counts and its own genes. ``None``: the
+            registered AnnData. Every study is checked before training starts; an error names
+            the study.
         batch_size
-            Cells per step.
+            Cells per step (the global batch: under data-parallel training each of ``N``
+            ranks takes ``batch_size / N`` cells of it).
         lr, weight_decay, warmup_steps
             AdamW with linear warm-up (default 5% of steps) and cosine decay.
         train_size
             Share of cells for training; the rest are held out for validation
             (``validation_loss`` in :attr:`history`).
         masking
-            :class:`~scxtrimo.data.MaskingSpec` or a dict of its fields.
+            :class:`~scxtrimo.data.MaskingSpec` (or a dict of its fields) of the regression
+            view: masking rates and down-sampling (``downsample_prob=0`` turns off the
+            read-depth pairs).
+        view_masking
+            The same for the contrastive view (default: always down-sampled, scFoundation
+            masking rates).
+        contrastive_weight
+            Weight of the InfoNCE term; 0: masked regression only (no second view is built).
+        temperature
+            Softmax temperature of the InfoNCE term.
         max_genes
             Cap on visible gene tokens per cell (a cell's highest values are kept; ``None``: no
             cap). Attention costs grow with the square of a cell's tokens, so the cap bounds the
             cost of deep cells. After pretraining it becomes :attr:`default_max_genes`, the cap
             used at inference.
         seed
-            Seed for masks, down-sampling, the split, batch order and dropout.
-        accelerator, devices, precision, gradient_clip_val
+            Seed for masks, down-sampling, the split, batch order and dropout. Masks and
+            down-sampling are drawn per cell from (seed, epoch, cell), independent of the
+            batch and of the number of processes.
+        accelerator, devices, strategy, num_nodes, precision, gradient_clip_val
             Passed to the Lightning trainer (e.g. ``accelerator="gpu", devices=4,
-            strategy="ddp", precision="bf16-mixed"``).
+            strategy="ddp", precision="bf16-mixed"``; ``num_nodes`` for multi-node runs
+            launched by ``torchrun`` or SLURM).
         num_workers
             DataLoader workers building batches in parallel (in-memory data only).
         invalid_cells
             Cells with < 2 in-vocabulary counts are ``"skip"``-ped (default) or ``"raise"``.
+        drop_last
+            Drop each study's incomplete last batch every epoch (equal batch sizes).
         plan_kwargs
             More arguments for :class:`~scxtrimo.train.XTrimoGeneTrainingPlan`.
         finetune
-            ``None`` (default): masked-regression pretraining. Otherwise fine-tune the
+            ``None`` (default): pretraining. Otherwise fine-tune the
             classification head for the registered labels (``setup_anndata(...,
             labels_key=...)`` or :meth:`add_classifier`) with cross-entropy; batches hold the
             cells' encoder tokens and labels, nothing is masked and the decoder does not run.
@@ -749,129 +785,66 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
             encoder. Frozen parts run without dropout; the decoder is never changed. The
             history then holds ``train_loss``/``validation_loss`` (cross-entropy) and
             ``train_accuracy``/``validation_accuracy``; predict with
-            :func:`scxtrimo.tl.annotate`. ``masking`` is ignored.
+            :func:`scxtrimo.tl.annotate`. ``masking`` and ``corpus`` are ignored.
         n_last_layers
             Encoder layers trained with ``finetune="last_layers"``.
         **trainer_kwargs
             More arguments for :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
-            (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume...).
+            (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume, ``max_steps``,
+            ``max_time``...).
         """
         if self.adata is None:
             raise ValueError(
                 "Training needs registered data: XTrimoGene.setup_anndata(adata) and "
                 "XTrimoGene(adata, ...), or model = XTrimoGene.load(path, adata=adata)."
             )
-        if finetune is not None:
-            from scxtrimo.train._finetune import run_finetuning
-
-            return run_finetuning(
-                self,
-                mode=finetune,
-                n_last_layers=n_last_layers,
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                lr=lr,
-                weight_decay=weight_decay,
-                warmup_steps=warmup_steps,
-                train_size=train_size,
-                max_genes=max_genes,
-                seed=self.seed_ if seed is None else seed,
-                accelerator=accelerator,
-                devices=devices,
-                precision=precision,
-                gradient_clip_val=gradient_clip_val,
-                num_workers=num_workers,
-                invalid_cells=invalid_cells,
-                plan_kwargs=plan_kwargs,
-                trainer_kwargs=trainer_kwargs,
-            )
-        if self.setup_args["input_type"] != "counts":
-            raise ValueError(
-                "Pretraining needs raw counts (down-sampling and depth tokens are computed from "
-                "them); set the model up with input_type='counts'."
-            )
         seed = self.seed_ if seed is None else seed
-        masking = masking if isinstance(masking, MaskingSpec) else MaskingSpec(**(masking or {}))
-        prep = self.prepare_input(
-            self.adata, invalid=invalid_cells, max_genes="all" if max_genes is None else max_genes
-        )
-        if len(prep.cells) < 2:
-            raise ValueError("Training needs at least 2 valid cells.")
-        dataset = PretrainingDataset(
-            prep.matrix,
-            prep.mapping.col_to_vocab,
-            TokenIndex(self.config.n_genes),
-            masking,
-            seed=seed,
-            max_genes=max_genes,
-        )
-        datamodule = PretrainingDataModule(
-            dataset,
-            prep.stats.n_tokens,
-            prep.cells,
-            batch_size=batch_size,
-            train_size=train_size,
-            seed=seed,
-            num_workers=num_workers,
-            pin_memory=accelerator in ("gpu", "cuda")
-            or (accelerator == "auto" and torch.cuda.is_available()),
-        )
-        if self.module.expression_bias is not None and not self.is_trained_:
-            # A fresh model starts predicting each gene's expected masked value (training
-            # cells only), so its steps go into learning what a cell's context adds.
-            start = expected_masked_values(
-                prep.matrix,
-                prep.mapping.col_to_vocab,
-                datamodule.train_idx,
-                self.config.n_genes,
-                masking,
-            )
-            with torch.no_grad():
-                self.module.expression_bias.copy_(torch.from_numpy(start))
-        plan = self._training_plan_cls(
-            self.module,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            **(plan_kwargs or {}),
-        )
-        trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
-        trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        trainer_kwargs.setdefault("num_sanity_val_steps", 0)
-        trainer_kwargs.setdefault("deterministic", "warn")
-        trainer_kwargs.setdefault("benchmark", False)
-        if precision is not None:
-            trainer_kwargs["precision"] = precision
-        torch.manual_seed(seed)
-        self.module.train()
-        runner = self._train_runner_cls(
-            self,
-            training_plan=plan,
-            data_splitter=datamodule,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            **trainer_kwargs,
-        )
-        out = runner()
-        self.module.eval()
-        if self.history_:  # Lightning logs 0-d tensors; keep plain floats (JSON, plotting)
-            self.history_ = {k: v.astype(float) for k, v in self.history_.items()}
-        self.training_args_ = {
+        common = {
             "max_epochs": max_epochs,
             "batch_size": batch_size,
             "lr": lr,
             "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
             "train_size": train_size,
             "max_genes": max_genes,
             "seed": seed,
-            "masking": masking.__dict__,
-            "finetune": None,
+            "accelerator": accelerator,
+            "devices": devices,
+            "precision": precision,
+            "gradient_clip_val": gradient_clip_val,
+            "num_workers": num_workers,
+            "invalid_cells": invalid_cells,
+            "plan_kwargs": plan_kwargs,
         }
-        # Embed cells the way the model saw them in pretraining.
-        self.default_max_genes_ = max_genes
-        return out
+        if finetune is not None:
+            from scxtrimo.train._finetune import run_finetuning
+
+            if strategy is not None:
+                trainer_kwargs["strategy"] = strategy
+            if num_nodes is not None:
+                trainer_kwargs["num_nodes"] = num_nodes
+            return run_finetuning(
+                self,
+                mode=finetune,
+                n_last_layers=n_last_layers,
+                trainer_kwargs=trainer_kwargs,
+                **common,
+            )
+        from scxtrimo.train._pretrain import run_pretraining
+
+        return run_pretraining(
+            self,
+            [self.adata] if corpus is None else corpus,
+            masking=_masking_spec(masking, MaskingSpec()),
+            view_masking=_masking_spec(view_masking, None),
+            contrastive_weight=contrastive_weight,
+            temperature=temperature,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            drop_last=drop_last,
+            trainer_kwargs=trainer_kwargs,
+            **common,
+        )
 
     # ------------------------------------------------------------------------------------
     # Save / load
@@ -1018,3 +991,12 @@ class XTrimoGene(UnsupervisedTrainingMixin, BaseModelClass):
         model.to_device(settings.resolve_device(device))
         model.module.eval()
         return model
+
+
+def _masking_spec(
+    masking: MaskingSpec | dict | None, default: MaskingSpec | None
+) -> MaskingSpec | None:
+    """A :class:`~scxtrimo.data.MaskingSpec` from a spec, a dict of its fields, or ``None``."""
+    if masking is None:
+        return default
+    return masking if isinstance(masking, MaskingSpec) else MaskingSpec(**masking)

@@ -173,19 +173,28 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_value: torch.Tensor | None,
         masked_token: torch.Tensor | None,
         masked_pad: torch.Tensor | None,
+        measured: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder input as shared rows plus each cell's own rows (after ``decoder_embed``).
 
         Returns ``constant`` ``[n_genes + 3, d_dec]`` (the input of a position that holds the
-        value 0, the same in every cell; the last row is a dump row for unused slots), ``rows``
+        value 0, the same in every cell; the last row is a dump row for unused slots; with
+        ``measured`` ``[n_genes + 3]`` bool, the genes a study did not measure hold the mask
+        embedding instead: unknown, not zero), ``rows``
         ``[B, L + M, d_dec]`` (visible positions, then masked positions), their positions
         ``[B, L + M]`` (unused slots point at the dump row ``n_genes + 2``) and validity.
         """
         cfg = self.config
         dump_row = cfg.padding_index  # == n_genes + 2: scatter target for unused slots
         gene_table = self.gene_embedding.weight
-        zero_value = torch.zeros(1, device=h.device, dtype=gene_table.dtype)
-        constant = self.decoder_embed(self.value_embedding(zero_value) + gene_table)
+        if measured is None:
+            zero_value = torch.zeros(1, device=h.device, dtype=gene_table.dtype)
+            constant_value = self.value_embedding(zero_value)
+        else:
+            measured = measured.to(device=h.device, dtype=torch.bool).reshape(-1)
+            zeros = torch.zeros(measured.shape, device=h.device, dtype=gene_table.dtype)
+            constant_value = self.value_embedding(zeros, mask_token=~measured)
+        constant = self.decoder_embed(constant_value + gene_table)
 
         padding_mask = padding_mask.to(torch.bool)
         visible_index = gene_index.masked_fill(padding_mask, dump_row)
@@ -219,10 +228,18 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_value: torch.Tensor | None,
         masked_token: torch.Tensor | None,
         masked_pad: torch.Tensor | None,
+        measured: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder input ``[B, n_genes + 2, decoder_dim]`` (after ``decoder_embed``)."""
         constant, source, index, _ = self._decoder_rows(
-            h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+            h,
+            gene_index,
+            padding_mask,
+            masked_index,
+            masked_value,
+            masked_token,
+            masked_pad,
+            measured,
         )
         decoder_input = constant.unsqueeze(0).expand(h.shape[0], -1, -1)
         decoder_input = decoder_input.scatter(
@@ -241,6 +258,7 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_pad: torch.Tensor | None = None,
         *,
         with_visible: bool = False,
+        measured: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predicted expression at the masked positions only, without decoding every gene.
 
@@ -257,6 +275,9 @@ class XTrimoGeneModule(BaseModuleClass):
             As in :meth:`decode`.
         with_visible
             Also return the predictions at the encoder's positions ``[B, L]``.
+        measured
+            ``[n_genes + 3]`` bool: genes of the batch's study (``None``: all); the others are
+            fed the mask embedding, never the value 0.
 
         Returns
         -------
@@ -264,7 +285,14 @@ class XTrimoGeneModule(BaseModuleClass):
         predictions at the encoder's positions ``[B, L]`` (meaningless at padding).
         """
         constant, rows, index, valid = self._decoder_rows(
-            h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+            h,
+            gene_index,
+            padding_mask,
+            masked_index,
+            masked_value,
+            masked_token,
+            masked_pad,
+            measured,
         )
         n_visible = gene_index.shape[1]
         first = 0 if with_visible else n_visible
@@ -290,6 +318,7 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_token: torch.Tensor | None = None,
         masked_pad: torch.Tensor | None = None,
         key_stabilizer: KeyStabilizer = "cell",
+        measured: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder over every gene position.
 
@@ -318,13 +347,23 @@ class XTrimoGeneModule(BaseModuleClass):
         key_stabilizer
             ``"cell"`` (outputs independent of the other cells in the batch) or ``"batch"`` (the
             official batched behaviour); see :func:`~scxtrimo.module.favor_softmax_features`.
+        measured
+            ``[n_genes + 3]`` bool: genes the cells' study measured (``None``: all); the
+            others hold the mask embedding instead of the value 0.
 
         Returns
         -------
         Decoder outputs ``[B, n_genes + 2, decoder_dim]`` after the Performer's final LayerNorm.
         """
         decoder_input = self._decoder_input(
-            h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad
+            h,
+            gene_index,
+            padding_mask,
+            masked_index,
+            masked_value,
+            masked_token,
+            masked_pad,
+            measured,
         )
         return self.decoder(decoder_input, key_stabilizer=key_stabilizer)
 
@@ -348,12 +387,13 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_pad: torch.Tensor | None = None,
         key_stabilizer: KeyStabilizer = "cell",
         genes: torch.Tensor | None = None,
+        measured: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Context-specific gene embeddings (decoder output after the head LayerNorm).
 
         Parameters
         ----------
-        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer
+        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer, measured
             As in :meth:`decode`.
         genes
             Positions to return: int64 ``[G]`` (same for every cell) or ``[B, G]``; ``None``
@@ -372,6 +412,7 @@ class XTrimoGeneModule(BaseModuleClass):
             masked_token,
             masked_pad,
             key_stabilizer=key_stabilizer,
+            measured=measured,
         )
         return self.head_norm(self._select_positions(decoded, genes))
 
@@ -386,12 +427,13 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_pad: torch.Tensor | None = None,
         key_stabilizer: KeyStabilizer = "cell",
         genes: torch.Tensor | None = None,
+        measured: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicted expression (log1p-normalised scale) at every or selected positions.
 
         Parameters
         ----------
-        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer, genes
+        h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad, key_stabilizer, genes, measured
             As in :meth:`gene_embeddings`.
 
         Returns
@@ -408,6 +450,7 @@ class XTrimoGeneModule(BaseModuleClass):
             masked_pad,
             key_stabilizer=key_stabilizer,
             genes=genes,
+            measured=measured,
         )
         prediction = self.expression_head(embeddings).squeeze(-1)
         if self.expression_bias is not None:
@@ -420,11 +463,18 @@ class XTrimoGeneModule(BaseModuleClass):
 
     # -- scvi-tools hooks -------------------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
+        inputs = {
             "gene_index": tensors["gene_index"],
             "value": tensors["value"],
             "padding_mask": tensors["padding_mask"],
         }
+        if "view2_gene_index" in tensors:  # pretraining with the cell-level contrastive term
+            inputs["view2"] = (
+                tensors["view2_gene_index"],
+                tensors["view2_value"],
+                tensors["view2_padding_mask"],
+            )
+        return inputs
 
     def inference(
         self,
@@ -432,6 +482,7 @@ class XTrimoGeneModule(BaseModuleClass):
         value: torch.Tensor,
         padding_mask: torch.Tensor,
         pooling: Pooling = "all",
+        view2: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode and pool.
 
@@ -442,15 +493,22 @@ class XTrimoGeneModule(BaseModuleClass):
         pooling
             Pooling of the returned ``z`` (see :meth:`pool`); the classifier always uses
             ``"all"``.
+        view2
+            ``(gene_index, value, padding_mask)`` of a second view of the same cells, encoded
+            and pooled the same way into ``"z_view2"`` (pretraining's contrastive term).
 
         Returns
         -------
         ``{"h": encoder outputs [B, L, d], "z": cell embeddings}`` plus ``"logits"`` ``[B,
-        n_labels]`` when the module has a classification head.
+        n_labels]`` when the module has a classification head and ``"z_view2"`` with
+        ``view2``.
         """
         h = self.encode(gene_index, value, padding_mask)
         z_all = self.pool(h, padding_mask, "all")
         outputs = {"h": h, "z": z_all if pooling == "all" else self.pool(h, padding_mask, pooling)}
+        if view2 is not None:
+            h2 = self.encode(*view2)
+            outputs["z_view2"] = self.pool(h2, view2[2], pooling)
         if self.classifier is not None:
             outputs["logits"] = self.classifier(z_all)
         return outputs
@@ -466,6 +524,7 @@ class XTrimoGeneModule(BaseModuleClass):
             "masked_value": tensors.get("masked_value"),
             "masked_token": tensors.get("masked_token"),
             "masked_pad": tensors.get("masked_pad"),
+            "measured": tensors.get("measured"),
             # Predictions at the encoder's genes only when the loss uses them.
             "with_visible": self.config.visible_loss_weight > 0 and "visible_target" in tensors,
         }
@@ -481,6 +540,7 @@ class XTrimoGeneModule(BaseModuleClass):
         masked_pad: torch.Tensor | None = None,
         key_stabilizer: KeyStabilizer = "cell",
         with_visible: bool = False,
+        measured: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Predict the values at the masked positions.
 
@@ -497,6 +557,8 @@ class XTrimoGeneModule(BaseModuleClass):
         with_visible
             Also predict the values at the encoder's positions (``"visible_prediction"``
             ``[B, L]``), for the loss term weighted by ``config.visible_loss_weight``.
+        measured
+            Genes of the batch's study, see :meth:`decode`.
 
         Returns
         -------
@@ -513,9 +575,11 @@ class XTrimoGeneModule(BaseModuleClass):
         args = (h, gene_index, padding_mask, masked_index, masked_value, masked_token, masked_pad)
         if key_stabilizer == "cell" and self.config.decoder_depth == 1:
             if with_visible:
-                prediction, visible = self.masked_expression(*args, with_visible=True)
+                prediction, visible = self.masked_expression(
+                    *args, with_visible=True, measured=measured
+                )
                 return {"prediction": prediction, "visible_prediction": visible}
-            return {"prediction": self.masked_expression(*args)}
+            return {"prediction": self.masked_expression(*args, measured=measured)}
         positions = masked_index.masked_fill(unused, 0)
         if with_visible:
             positions = torch.cat([positions, gene_index.masked_fill(padding_mask, 0)], dim=1)
@@ -529,6 +593,7 @@ class XTrimoGeneModule(BaseModuleClass):
             masked_pad,
             key_stabilizer=key_stabilizer,
             genes=positions,
+            measured=measured,
         )
         if with_visible:
             n_masked = masked_index.shape[1]
@@ -544,6 +609,7 @@ class XTrimoGeneModule(BaseModuleClass):
         inference_outputs: dict[str, torch.Tensor],
         generative_outputs: dict[str, torch.Tensor | None],
         classification_weight: float = 1.0,
+        cell_mean: bool = False,
     ) -> LossOutput:
         """Masked-regression loss and, with labels and a classifier, cross-entropy.
 
@@ -557,6 +623,11 @@ class XTrimoGeneModule(BaseModuleClass):
             Output of :meth:`generative`.
         classification_weight
             Weight of the cross-entropy term in ``loss``.
+        cell_mean
+            Average the squared errors within each cell first, then over cells (every cell
+            weighs the same whatever its study's gene count; the mean of equal-sized shards is
+            the mean of the whole batch, so data-parallel steps equal one-process steps).
+            ``False``: one mean over all used slots of the batch.
 
         Returns
         -------
@@ -588,7 +659,10 @@ class XTrimoGeneModule(BaseModuleClass):
             squared_error = (prediction - target).square().masked_fill(~used, 0.0)
             n_used = used.sum(dim=1)
             reconstruction_loss = squared_error.sum(dim=1) / n_used.clamp(min=1)
-            total = total + squared_error.sum() / n_used.sum().clamp(min=1)
+            if cell_mean:
+                total = total + reconstruction_loss.mean()
+            else:
+                total = total + squared_error.sum() / n_used.sum().clamp(min=1)
             nonzero = used & (target != 0)
             zero = used & (target == 0)
             extra_metrics["masked_mse_nonzero"] = (
@@ -603,7 +677,11 @@ class XTrimoGeneModule(BaseModuleClass):
             genes = ~tensors["padding_mask"].to(torch.bool)
             genes[:, :2] = False
             visible_error = (visible_prediction - tensors["visible_target"]).square()
-            visible_mse = visible_error.masked_fill(~genes, 0.0).sum() / genes.sum().clamp(min=1)
+            visible_error = visible_error.masked_fill(~genes, 0.0)
+            if cell_mean:
+                visible_mse = (visible_error.sum(dim=1) / genes.sum(dim=1).clamp(min=1)).mean()
+            else:
+                visible_mse = visible_error.sum() / genes.sum().clamp(min=1)
             total = total + self.config.visible_loss_weight * visible_mse
             extra_metrics["visible_mse"] = visible_mse.detach()
         classification = {}

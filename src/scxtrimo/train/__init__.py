@@ -1,5 +1,7 @@
-"""Training plans and data modules (Lightning)."""
+"""Training plans, data modules and pretraining corpora (Lightning)."""
 
+from ._contrastive import info_nce
+from ._corpus import CorpusPart, PretrainingCorpus
 from ._datamodule import LengthBucketBatchSampler, PretrainingDataModule, PretrainingDataset
 from ._finetune import (
     FinetuningDataset,
@@ -9,15 +11,20 @@ from ._finetune import (
 )
 from ._gene_bias import expected_masked_values
 from ._plan import XTrimoGeneTrainingPlan
+from ._pretrain import build_corpus
 
 __all__ = [
+    "CorpusPart",
     "FinetuningDataset",
     "FinetuningTrainingPlan",
     "LengthBucketBatchSampler",
+    "PretrainingCorpus",
     "PretrainingDataModule",
     "PretrainingDataset",
     "XTrimoGeneTrainingPlan",
+    "build_corpus",
     "expected_masked_values",
     "finetune_plan",
     "freeze_for_finetuning",
+    "info_nce",
 ]

@@ -1,4 +1,4 @@
-"""Lightning data module for masked-regression pretraining on (backed or in-memory) AnnData."""
+"""Lightning data module for pretraining: study-pure length buckets, global batches split across ranks."""
 
 from __future__ import annotations
 
@@ -14,15 +14,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from scxtrimo.data._matrix import as_row_accessible, is_backed_sparse
 from scxtrimo.data._tokens import MaskingSpec, TokenIndex, pretraining_batch, row_seeds
 
+from ._corpus import PretrainingCorpus
+
 
 class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
     """Shuffled batches of cells of similar length, reproducible from ``(seed, epoch)``.
 
-    Each epoch the cells are shuffled, cut into pools of ``pool_batches`` batches, sorted by
-    length inside a pool (less padding) and the batches are shuffled again. Yields
+    Each epoch the cells of each group (study) are shuffled, cut into pools of ``pool_batches``
+    batches, sorted by length inside a pool (less padding); the batches of all groups are then
+    shuffled together. A batch never mixes groups, so each holds cells with one gene set. Yields
     ``(epoch, cell indices)``; the epoch makes the masks of a cell differ between epochs but
-    never depend on the batch it lands in. Under distributed training each rank takes every
-    ``world_size``-th batch.
+    never depend on the batch it lands in.
+
+    Under distributed training the batches are *global*: every rank walks the same list and
+    takes ``batch[rank::world_size]``, so ranks see disjoint cells, take the same number of
+    steps, and with a ``batch_size`` divisible by the world size a step averages the same cells
+    as one process would. Global batches with fewer cells than ranks are dropped.
     """
 
     def __init__(
@@ -31,14 +38,18 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
         n_tokens: np.ndarray,
         batch_size: int,
         *,
+        groups: np.ndarray | None = None,
         shuffle: bool = True,
         seed: int = 0,
         pool_batches: int = 50,
         drop_last: bool = False,
         follow_epoch: bool = True,
     ) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.cells = np.asarray(cells, dtype=np.int64)
         self.n_tokens = np.asarray(n_tokens)
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = seed
@@ -52,9 +63,7 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
         if self.follow_epoch:  # validation keeps the same masks every epoch
             self.epoch = int(epoch)
 
-    def _batches(self) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        cells = rng.permutation(self.cells) if self.shuffle else self.cells
+    def _group_batches(self, cells: np.ndarray) -> list[np.ndarray]:
         batches = []
         for start in range(0, len(cells), self.pool):  # loop over pools, not cells
             pool = cells[start : start + self.pool]
@@ -64,12 +73,28 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
             )
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
+        return batches
+
+    def global_batches(self) -> list[np.ndarray]:
+        """The batches of the current epoch, before they are split between ranks."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        cells = rng.permutation(self.cells) if self.shuffle else self.cells
+        if self.groups is None:
+            batches = self._group_batches(cells)
+        else:
+            group_of = self.groups[cells]
+            batches = []
+            for group in np.unique(group_of):  # a handful of studies
+                batches.extend(self._group_batches(cells[group_of == group]))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            usable = (len(batches) // world) * world  # equal step counts on every rank
-            batches = batches[rank:usable:world]
+        return batches
+
+    def _batches(self) -> list[np.ndarray]:
+        batches = self.global_batches()
+        rank, world = distributed_rank_and_world()
+        if world > 1:
+            batches = [b[rank::world] for b in batches if len(b) >= world]
         return batches
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -77,45 +102,77 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
             yield self.epoch, batch
 
     def __len__(self) -> int:
-        n = len(self.cells) // self.batch_size
-        if not self.drop_last and len(self.cells) % self.batch_size:
-            n += 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            n //= torch.distributed.get_world_size()
-        return n
+        return len(self._batches())
+
+
+def distributed_rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` outside distributed training."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class PretrainingDataset(Dataset):
-    """Builds a whole pretraining batch per ``__getitem__((epoch, cells))`` call."""
+    """Builds a whole pretraining batch of one study per ``__getitem__((epoch, cells))`` call.
+
+    The first view is the masked-regression input (down-sampled with ``masking``; ``T`` = the
+    cell's full depth). With ``view_masking``, a second view of the same cells is drawn with
+    independent down-sampling and masks (keys ``view2_*``, encoder tokens only, ``T = S``) for
+    the cell-level contrastive term. Masked slots at genes the study did not measure are
+    dropped and ``measured`` tells the decoder which genes are unknown rather than zero.
+
+    Parameters
+    ----------
+    corpus
+        The studies.
+    index
+        Special token indices.
+    masking
+        Masking and down-sampling of the regression view.
+    seed
+        Seed of every random draw (with the epoch and the cell's global index).
+    max_genes
+        Cap on visible gene tokens per cell.
+    view_masking
+        Masking and down-sampling of the second view; ``None``: no second view.
+    """
 
     def __init__(
         self,
-        matrix: Any,
-        col_to_vocab: np.ndarray,
+        corpus: PretrainingCorpus,
         index: TokenIndex,
         masking: MaskingSpec,
         *,
         seed: int = 0,
         max_genes: int | None = None,
-        labels: np.ndarray | None = None,
+        view_masking: MaskingSpec | None = None,
     ) -> None:
-        self.matrix = as_row_accessible(matrix)
-        self.col_to_vocab = col_to_vocab
+        self.corpus = corpus
+        self.matrices = [as_row_accessible(p.matrix) for p in corpus.parts]
         self.index = index
         self.masking = masking
+        self.view_masking = view_masking
         self.seed = seed
         self.max_genes = max_genes
-        self.labels = labels
+        # T and S are always "measured"; the padding/dump row too.
+        extra = np.ones((len(corpus.parts), 3), dtype=bool)
+        self.measured = np.concatenate([corpus.measured, extra], axis=1)
+
+    @property
+    def matrix(self) -> Any:
+        """The first study's matrix (for single-study checks such as backed files)."""
+        return self.matrices[0]
 
     def __len__(self) -> int:
-        return self.matrix.shape[0]
+        return self.corpus.n_cells
 
-    def _rows(self, cells: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
-        if sp.issparse(self.matrix) and self.matrix.format == "csr":
-            return self.matrix, cells
+    @staticmethod
+    def _rows(matrix: Any, cells: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        if sp.issparse(matrix) and matrix.format == "csr":
+            return matrix, cells
         # Backed files and dense arrays: read the batch's rows in sorted order (h5py needs it).
         order = np.argsort(cells)
-        block = self.matrix[cells[order]]
+        block = matrix[cells[order]]
         block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()
         local = np.empty_like(order)
         local[order] = np.arange(len(cells))
@@ -123,20 +180,40 @@ class PretrainingDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
         epoch, cells = item
-        block, rows = self._rows(np.asarray(cells, dtype=np.int64))
+        cells = np.asarray(cells, dtype=np.int64)
+        part, local = self.corpus.local(cells)
+        part_info = self.corpus.parts[part]
+        block, rows = self._rows(self.matrices[part], local)
+        measured = self.measured[part]
         batch = pretraining_batch(
             block,
             rows,
-            self.col_to_vocab,
+            part_info.col_to_vocab,
             self.index,
             self.masking,
             row_seeds(self.seed, epoch, cells),
             self.max_genes,
         )
+        # A gene the study did not measure is unknown, not zero: no loss there.
+        batch["masked_pad"] = batch["masked_pad"] | ~measured[batch["masked_index"]]
+        batch["measured"] = measured
+        if self.view_masking is not None:
+            view = pretraining_batch(
+                block,
+                rows,
+                part_info.col_to_vocab,
+                self.index,
+                self.view_masking,
+                row_seeds(self.seed, epoch, cells, stream=5),
+                self.max_genes,
+            )
+            value = view["value"].copy()
+            value[:, 0] = value[:, 1]  # T = S: the view's depth must not identify the cell
+            batch["view2_gene_index"] = view["gene_index"]
+            batch["view2_value"] = value
+            batch["view2_padding_mask"] = view["padding_mask"]
         out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-        out["cell_index"] = torch.from_numpy(np.asarray(cells, dtype=np.int64))
-        if self.labels is not None:
-            out["labels"] = torch.from_numpy(self.labels[cells].astype(np.int64))
+        out["cell_index"] = torch.from_numpy(cells)
         return out
 
 
@@ -161,6 +238,11 @@ class PretrainingDataModule(pl.LightningDataModule):
         DataLoader worker processes building batches in parallel with training.
     pin_memory
         Pin batches in page-locked memory (faster host-to-GPU copies).
+    groups
+        Study of every cell (indexed like ``n_tokens``); batches never mix studies.
+    drop_last
+        Drop each study's last, incomplete training batch (equal batch sizes, e.g. for exact
+        agreement between one and several processes).
     """
 
     def __init__(
@@ -174,6 +256,8 @@ class PretrainingDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
+        groups: np.ndarray | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < train_size <= 1.0:
@@ -184,12 +268,15 @@ class PretrainingDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.groups = groups
+        self.drop_last = drop_last
         perm = np.random.default_rng(seed).permutation(np.asarray(cells, dtype=np.int64))
         n_train = len(perm) if train_size >= 1.0 else max(1, round(train_size * len(perm)))
         self.train_idx = np.sort(perm[:n_train])
         self.val_idx = np.sort(perm[n_train:])
         self.test_idx = np.array([], dtype=np.int64)
-        if is_backed_sparse(dataset.matrix) and num_workers > 0:
+        matrices = getattr(dataset, "matrices", [dataset.matrix])
+        if num_workers > 0 and any(is_backed_sparse(m) for m in matrices):
             # h5py handles cannot be shared by forked workers.
             raise ValueError(
                 "num_workers > 0 is not supported with backed AnnData; use num_workers=0."
@@ -210,9 +297,11 @@ class PretrainingDataModule(pl.LightningDataModule):
             cells,
             self.n_tokens,
             self.batch_size,
+            groups=self.groups,
             shuffle=shuffle,
             seed=self.seed,
             follow_epoch=shuffle,
+            drop_last=self.drop_last and shuffle,
         )
         return DataLoader(
             self.dataset,

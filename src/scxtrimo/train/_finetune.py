@@ -351,6 +351,7 @@ def run_finetuning(
     from scxtrimo._settings import settings
 
     from ._datamodule import PretrainingDataModule
+    from ._pretrain import trainer_defaults
 
     module = model.module
     if module.classifier is None or not model.classifier_:
@@ -412,14 +413,9 @@ def run_finetuning(
         warmup_steps=warmup_steps,
         **(plan_kwargs or {}),
     )
-    trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
-    trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
-    trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-    trainer_kwargs.setdefault("num_sanity_val_steps", 0)
-    trainer_kwargs.setdefault("deterministic", "warn")
-    trainer_kwargs.setdefault("benchmark", False)
-    if precision is not None:
-        trainer_kwargs["precision"] = precision
+    trainer_kwargs = trainer_defaults(
+        trainer_kwargs, gradient_clip_val=gradient_clip_val, precision=precision
+    )
     previous = getattr(model, "training_args_", None) or {}
     if previous.get("finetune") is None:
         # The history of a pretraining run holds other metrics: start a fresh one.

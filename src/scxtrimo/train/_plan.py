@@ -7,6 +7,8 @@ import math
 import torch
 from scvi.train import TrainingPlan
 
+from ._contrastive import info_nce
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
@@ -38,6 +40,12 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         Linear warm-up steps; ``None`` uses 5% of all steps.
     min_lr_ratio
         Learning rate at the end of the cosine decay, relative to ``lr``.
+    contrastive_weight
+        Weight of the cell-level term: InfoNCE between the pooled embeddings of two augmented
+        views of each cell (:func:`~scxtrimo.train.info_nce`), used when batches carry a second
+        view; 0 turns it off.
+    temperature
+        Softmax temperature of the InfoNCE term.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -52,14 +60,20 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         eps: float = 1e-8,
         warmup_steps: int | None = None,
         min_lr_ratio: float = 0.05,
+        contrastive_weight: float = 0.0,
+        temperature: float = 0.1,
         **kwargs,
     ) -> None:
         super().__init__(
             module, optimizer="AdamW", lr=lr, weight_decay=weight_decay, eps=eps, **kwargs
         )
+        if not contrastive_weight >= 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}.")
         self.betas = betas
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
+        self.contrastive_weight = float(contrastive_weight)
+        self.temperature = float(temperature)
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -92,8 +106,17 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         }
 
     def _step(self, batch: dict, mode: str) -> torch.Tensor:
-        _, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        inference_outputs, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
         loss = out.loss
+        extra = dict(out.extra_metrics or {})
+        if "z_view2" in inference_outputs:
+            extra["masked_mse"] = loss.detach()
+            contrastive = info_nce(
+                inference_outputs["z"], inference_outputs["z_view2"], self.temperature
+            )
+            extra["contrastive_loss"] = contrastive.detach()
+            if self.contrastive_weight > 0:
+                loss = loss + self.contrastive_weight * contrastive
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"The {mode} loss became {loss.item()} at global step {self.global_step} "
@@ -111,7 +134,7 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
             batch_size=n,
             sync_dist=self.use_sync_dist,
         )
-        for key, value in (out.extra_metrics or {}).items():
+        for key, value in extra.items():
             if isinstance(value, torch.Tensor) and value.ndim == 0:
                 self.log(
                     f"{key}_{mode}",

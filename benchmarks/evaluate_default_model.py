@@ -1,0 +1,266 @@
+"""Held-out evaluation of the shipped default model beside its baselines, in one run.
+
+Usage::
+
+    python benchmarks/evaluate_default_model.py \\
+        --model shipped --previous /path/to/previous_default \\
+        --ablation no_contrastive=runs/abl_nocontrastive/final ...
+
+Every split keeps its evaluation cells out of pretraining (``default_model_splits.py``); a
+classifier is fitted on the training part's embeddings and labels and scored on the held-out
+part, for every embedding in the same run:
+
+- pbmc4k: 90% -> the 10% held out;
+- Kang 12k: six donors -> two donors held out entirely;
+- CellBench: CEL-seq2 -> Drop-seq (cross-protocol);
+- pbmc4k -> Kang (cross-study, shared cell types, both files cut to their common genes).
+
+Embeddings: the model(s), an untrained model of the same configuration, PCA-50 on 2,000 HVGs
+of log-normalised counts (fitted on the training part). Metrics: kNN (k = 15) macro-F1,
+logistic-regression macro-F1 and ``scxtrimo.tl.transfer_labels`` (distance-weighted kNN)
+macro-F1. A diagnosis of what each model's embedding encodes (correlation of its leading
+components with log total counts and genes per cell, per part of the pooled vector) is
+written too. Results: ``benchmarks/results/default_model.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import default_model_splits as splits_mod  # noqa: E402
+
+import scxtrimo  # noqa: E402
+from scxtrimo.model import XTrimoGene  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MAX_REFERENCE = 3000  # training cells used as classifier reference per split (seeded)
+PARTS = ("S", "T", "gene max", "gene mean")
+
+
+def log(message: str) -> None:
+    """Progress on stderr, with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pca_embedding(adata: ad.AnnData, train: np.ndarray, n_comps: int = 50) -> np.ndarray:
+    """PCA-50 on 2,000 HVGs of log-normalised counts, fitted on the training rows only."""
+    work = ad.AnnData(X=adata.X.astype(np.float32))
+    sc.pp.normalize_total(work, target_sum=1e4)
+    sc.pp.log1p(work)
+    hvg = sc.pp.highly_variable_genes(work[train].copy(), n_top_genes=2000, inplace=False)
+    X = work.X[:, hvg["highly_variable"].to_numpy()]
+    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
+    scaler = StandardScaler().fit(X[train])
+    X = np.clip(scaler.transform(X), -10, 10)
+    return PCA(n_comps, random_state=0).fit(X[train]).transform(X)
+
+
+def scores(emb: np.ndarray, labels: np.ndarray, ref: np.ndarray, query: np.ndarray) -> dict:
+    """kNN (k=15), logistic regression and distance-weighted kNN vote macro-F1, ref -> query."""
+    y_ref, y_query = labels[ref], labels[query]
+    knn = KNeighborsClassifier(n_neighbors=15).fit(emb[ref], y_ref)
+    scaler = StandardScaler().fit(emb[ref])
+    lr = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(emb[ref]), y_ref)
+    reference = ad.AnnData(obs={"cell_type": y_ref}, obsm={"X_scxtrimo": emb[ref]})
+    target = ad.AnnData(obs={"i": np.arange(len(query))}, obsm={"X_scxtrimo": emb[query]})
+    scxtrimo.tl.transfer_labels(target, reference, labels_key="cell_type")
+    transferred = target.obs["cell_type_transferred"].astype(str).to_numpy()
+
+    def f1(pred):
+        return float(f1_score(y_query, pred, average="macro"))
+
+    return {
+        "knn_macro_f1": f1(knn.predict(emb[query])),
+        "logreg_macro_f1": f1(lr.predict(scaler.transform(emb[query]))),
+        "transfer_labels_macro_f1": f1(transferred),
+    }
+
+
+def diagnosis(emb: np.ndarray, adata: ad.AnnData, rows: np.ndarray, dim: int) -> dict:
+    """|Pearson r| of each pooled part's first 3 PCs with log total counts and genes/cell."""
+    X = adata.X[rows]
+    depth = np.log10(np.asarray(X.sum(axis=1)).ravel())
+    genes = np.log10(np.asarray((X > 0).sum(axis=1)).ravel())
+    out = {}
+    for i, name in enumerate(PARTS):
+        part = emb[rows, i * dim : (i + 1) * dim]
+        pcs = PCA(3, random_state=0).fit_transform(part)
+        out[name] = {
+            "log_total_counts": [float(abs(np.corrcoef(pc, depth)[0, 1])) for pc in pcs.T],
+            "log_genes": [float(abs(np.corrcoef(pc, genes)[0, 1])) for pc in pcs.T],
+        }
+    return out
+
+
+def load_models(args) -> dict[str, XTrimoGene]:
+    """The models of this run, by name (``shipped`` = the package's default)."""
+    from scxtrimo.model._pretrained import load_default_model
+
+    models = {}
+    models["default"] = load_default_model() if args.model == "shipped" else XTrimoGene.load(args.model)
+    if args.previous:
+        models["previous recipe"] = XTrimoGene.load(args.previous)
+    for spec in args.ablation:
+        name, path = spec.split("=", 1)
+        models[name] = XTrimoGene.load(path)
+    # An untrained model of the default's configuration, embedding the same way.
+    default = models["default"]
+    ref = splits_mod.pbmc4k_split(splits_mod.data_dir(args.data)).adata
+    XTrimoGene.setup_anndata(ref)
+    torch.manual_seed(0)
+    untrained = XTrimoGene(ref, config=default.config, seed=0)
+    untrained.default_max_genes_ = default.default_max_genes_
+    untrained.default_target_depth_ = default.default_target_depth_
+    models["untrained"] = untrained
+    return models
+
+
+def main() -> None:
+    """Run every split for every embedding and write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="shipped", help="'shipped' or a saved-model folder")
+    parser.add_argument("--previous", default=None, help="the previous recipe's saved model")
+    parser.add_argument("--ablation", action="append", default=[], help="NAME=PATH")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--max-cells", type=int, default=None, help="cap reference and query (a quick check)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    splits = splits_mod.all_splits(args.data)
+    models = load_models(args)
+    rng = np.random.default_rng(0)
+
+    tasks = []  # (task name, adata, labels, reference rows, query rows)
+    for name in ("pbmc4k", "kang12k", "cellbench"):
+        s = splits[name]
+        labels = s.adata.obs["cell_type"].astype(str).to_numpy()
+        known = labels != "?"  # pbmc4k's unassigned cells are not scored
+        ref, query = s.train[known[s.train]], s.held_out[known[s.held_out]]
+        if len(ref) > MAX_REFERENCE:
+            ref = np.sort(rng.choice(ref, MAX_REFERENCE, replace=False))
+        tasks.append((name, s.adata, labels, ref, query))
+    if args.max_cells:
+        tasks = [
+            (n, a, y, r[: args.max_cells], q[: args.max_cells]) for n, a, y, r, q in tasks
+        ]
+    # Cross-study: pbmc4k (training part) -> Kang held-out donors, common genes, shared types.
+    pbmc, kang = splits["pbmc4k"], splits["kang12k"]
+    common = pbmc.adata.var_names.intersection(kang.adata.var_names)
+    p_lab = pbmc.adata.obs["cell_type"].astype(str).map(splits_mod.PBMC4K_TO_KANG)
+    k_lab = kang.adata.obs["cell_type"].astype(str).map(splits_mod.KANG_TO_SHARED)
+    p_rows = pbmc.train[p_lab.iloc[pbmc.train].notna().to_numpy()]
+    k_rows = kang.held_out[k_lab.iloc[kang.held_out].notna().to_numpy()]
+    joint = ad.concat(
+        [pbmc.adata[p_rows, common], kang.adata[k_rows, common]], join="inner", index_unique="-"
+    )
+    joint_labels = np.concatenate([p_lab.iloc[p_rows], k_lab.iloc[k_rows]]).astype(str)
+    n_p = len(p_rows)
+    if args.max_cells:
+        joint = joint[np.r_[: args.max_cells, n_p : n_p + args.max_cells]].copy()
+        joint_labels = joint_labels[np.r_[: args.max_cells, n_p : n_p + args.max_cells]]
+        n_p = args.max_cells
+    tasks.append(
+        ("pbmc4k -> Kang", joint, joint_labels, np.arange(n_p), np.arange(n_p, joint.n_obs))
+    )
+    log(f"cross-study: {len(common)} common genes, {n_p} -> {joint.n_obs - n_p} cells")
+
+    results: dict = {"tasks": {}, "diagnosis": {}, "models": {}}
+    for task, adata, labels, ref, query in tasks:
+        rows = np.concatenate([ref, query])
+        pca = pca_embedding(adata, ref)
+        table = {"PCA-50 (2,000 HVGs)": scores(pca, labels, ref, query)}
+        for name, model in models.items():
+            tm = time.time()
+            emb = np.full((adata.n_obs, model.module.config.encoder_dim * 4), np.nan, np.float32)
+            emb[rows] = model.get_latent_representation(
+                adata, indices=rows, progress_bar=False, invalid_cells="raise"
+            )
+            table[name] = scores(emb, labels, ref, query)
+            if task == "pbmc4k":
+                results["diagnosis"][name] = diagnosis(
+                    emb, adata, query, model.module.config.encoder_dim
+                )
+            log(f"{task}: {name} {table[name]} ({time.time() - tm:.0f} s)")
+        results["tasks"][task] = {
+            "n_reference": len(ref),
+            "n_query": len(query),
+            "scores": table,
+        }
+    results["models"] = {
+        name: {
+            "training_args": getattr(m, "training_args_", None),
+            "config": m.config.to_dict() if hasattr(m.config, "to_dict") else str(m.config),
+        }
+        for name, m in models.items()
+    }
+    results["wall_s"] = time.time() - t0
+    results["threads"] = torch.get_num_threads()
+    write(results, args.out)
+    log(f"done in {results['wall_s'] / 60:.1f} min")
+
+
+def write(results: dict, out: Path) -> None:
+    """JSON and a markdown table (every number beside the PCA baseline of the same run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "default_model.json").write_text(json.dumps(results, indent=1, default=str))
+    lines = ["# Default model: held-out evaluation", ""]
+    lines += [
+        "Classifier fitted on the training part's embeddings, scored on the held-out part "
+        "(macro-F1). Ratio = kNN macro-F1 / PCA's kNN macro-F1. "
+        "Command: `python benchmarks/evaluate_default_model.py` (see its docstring).",
+        "",
+    ]
+    for task, block in results["tasks"].items():
+        lines += [
+            f"## {task} ({block['n_reference']} reference -> {block['n_query']} held-out cells)",
+            "",
+            "| embedding | kNN macro-F1 | ratio to PCA | logistic regression | transfer_labels |",
+            "|---|---|---|---|---|",
+        ]
+        pca_knn = block["scores"]["PCA-50 (2,000 HVGs)"]["knn_macro_f1"]
+        for name, s in block["scores"].items():
+            lines.append(
+                f"| {name} | {s['knn_macro_f1']:.3f} | {s['knn_macro_f1'] / pca_knn:.2f} | "
+                f"{s['logreg_macro_f1']:.3f} | {s['transfer_labels_macro_f1']:.3f} |"
+            )
+        lines.append("")
+    lines += [
+        "## What the embedding encodes (pbmc4k held-out cells)",
+        "",
+        "|Pearson r| of the first three principal components of each part of the pooled vector "
+        "with log10 total counts / log10 genes per cell.",
+        "",
+        "| model | part | PC1-3 vs depth | PC1-3 vs genes |",
+        "|---|---|---|---|",
+    ]
+    for name, parts in results["diagnosis"].items():
+        for part, d in parts.items():
+            depth = ", ".join(f"{v:.2f}" for v in d["log_total_counts"])
+            genes = ", ".join(f"{v:.2f}" for v in d["log_genes"])
+            lines.append(f"| {name} | {part} | {depth} | {genes} |")
+    lines.append("")
+    (out / "default_model.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
