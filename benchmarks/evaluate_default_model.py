@@ -42,10 +42,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import default_model_splits as splits_mod  # noqa: E402
-
-import scxtrimo  # noqa: E402
-from scxtrimo.model import XTrimoGene  # noqa: E402
+import default_model_splits as splits_mod
+import scxtrimo
+from scxtrimo.model import XTrimoGene
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_REFERENCE = 3000  # training cells used as classifier reference per split (seeded)
@@ -112,7 +111,9 @@ def load_models(args) -> dict[str, XTrimoGene]:
     from scxtrimo.model._pretrained import load_default_model
 
     models = {}
-    models["default"] = load_default_model() if args.model == "shipped" else XTrimoGene.load(args.model)
+    models["default"] = (
+        load_default_model() if args.model == "shipped" else XTrimoGene.load(args.model)
+    )
     if args.previous:
         models["previous recipe"] = XTrimoGene.load(args.previous)
     for spec in args.ablation:
@@ -160,9 +161,7 @@ def main() -> None:
             ref = np.sort(rng.choice(ref, MAX_REFERENCE, replace=False))
         tasks.append((name, s.adata, labels, ref, query))
     if args.max_cells:
-        tasks = [
-            (n, a, y, r[: args.max_cells], q[: args.max_cells]) for n, a, y, r, q in tasks
-        ]
+        tasks = [(n, a, y, r[: args.max_cells], q[: args.max_cells]) for n, a, y, r, q in tasks]
     # Cross-study: pbmc4k (training part) -> Kang held-out donors, common genes, shared types.
     pbmc, kang = splits["pbmc4k"], splits["kang12k"]
     common = pbmc.adata.var_names.intersection(kang.adata.var_names)

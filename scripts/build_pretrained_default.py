@@ -52,7 +52,7 @@ def package(model_dir: Path, notes: str = "") -> Path:
 class SaveEvery:
     """Lightning callback: save the model every ``every`` steps (intermediate checkpoints)."""
 
-    def __new__(cls, model, out: Path, every: int):
+    def __new__(cls, model, out: Path, every: int):  # noqa: D102 (a factory, not a method)
         from lightning.pytorch.callbacks import Callback
 
         class _Save(Callback):
@@ -102,7 +102,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import default_model_splits as splits_mod
-
     from scxtrimo.data import MaskingSpec
     from scxtrimo.model import XTrimoGene
 

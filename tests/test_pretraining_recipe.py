@@ -182,7 +182,8 @@ def test_multi_study_training_runs_and_records_the_corpus(model, two_studies, tm
     assert np.isfinite(model.history_["contrastive_loss_train"].to_numpy()).all()
     for a, b in zip(before, [full, panel]):  # nothing the user passed changed
         assert (a.X != b.X).nnz == 0
-        assert a.var_names.equals(b.var_names) and a.obs.equals(b.obs)
+        assert a.var_names.equals(b.var_names)
+        assert a.obs.equals(b.obs)
 
 
 def test_training_is_reproducible_from_the_seed(two_studies, tmp_path):
@@ -232,7 +233,7 @@ def test_bad_corpus_entries_fail_before_training_naming_the_entry(
 
 
 def test_missing_corpus_file_is_named(model, two_studies, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.h5ad"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.h5ad"):
         model.train(corpus=[two_studies[0], str(tmp_path / "nowhere.h5ad")], max_steps=1)
 
 

@@ -115,7 +115,8 @@ def _file_size(path: str | os.PathLike) -> int:
 
 class AnnDataFileSource:
     """Base of the on-disk AnnData readers (:class:`H5adSource`, :class:`ZarrSource`): lazily
-    opened, read by rows, picklable (each worker or rank reopens the file)."""
+    opened, read by rows, picklable (each worker or rank reopens the file).
+    """
 
     kind = "file"
 
