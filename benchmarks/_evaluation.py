@@ -14,8 +14,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from _common import json_default, load_average, log
 
 __all__ = [
@@ -25,7 +23,6 @@ __all__ = [
     "load_model",
     "log",
     "machine",
-    "pretraining_split",
     "quiet",
     "run_record",
     "write_results",
@@ -89,19 +86,6 @@ def _config_name(model) -> str:
         if cfg == model.config:
             return name
     return "custom"
-
-
-def pretraining_split(n_obs: int, training_args: dict | None) -> tuple[np.ndarray, np.ndarray]:
-    """Training and held-out cells of a model pretrained on all pbmc4k cells by scxtrimo.
-
-    Reproduces :class:`~scxtrimo.train.PretrainingDataModule`'s split (seeded permutation of
-    the valid cells, ``train_size`` for training); every pbmc4k cell is valid.
-    """
-    args = training_args or {}
-    seed, train_size = int(args.get("seed", 0)), float(args.get("train_size", 0.9))
-    perm = np.random.default_rng(seed).permutation(np.arange(n_obs, dtype=np.int64))
-    n_train = n_obs if train_size >= 1.0 else max(1, round(train_size * n_obs))
-    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
 def command_line(script: str, model: Path | None, options: str) -> str:

@@ -6,12 +6,13 @@ Usage (from the repository root)::
 
 Two real datasets, each with one train/test split shared by every method:
 
-1. **Kang 2018 PBMCs** (``/work/shared/data/kang2018_pbmc_12k_1287genes.h5ad``, 8 donors,
-   8 cell types, only 1,287 genes): train on donors 1015, 1256, 1488, 1244, test on donors
-   101, 107, 1016, 1039 (a cross-donor split). Cells are subsampled (``--n-train``,
-   ``--n-test``, uniformly at random) to keep the run short on 2 CPU cores.
-2. **pbmc4k** (shipped with scxtrimo, 5 labelled types; the 20 ``"?"`` cells are dropped): a
-   stratified 50/50 split. The pretrained model saw these cells (without labels) during
+1. **Kang 2018 PBMCs** (``kang2018_pbmc_12k_1287genes.h5ad``, 8 donors, 8 cell types, only
+   1,287 genes): train on the six donors the default model was pretrained on, test on the two
+   donors held out of pretraining (1039, 1244; ``default_model_splits.py``). Cells are
+   subsampled (``--n-train``, ``--n-test``, uniformly at random) to keep the run short on 2
+   CPU cores.
+2. **pbmc4k** (5 labelled types; the ``"?"`` cells are dropped): train on cells of the 90%
+   the default model was pretrained on (without labels), test on the 10% held out of
    pretraining.
 
 Methods: fine-tuning a pretrained model with ``finetune="head"``, ``"last_layers"``
@@ -34,16 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 
+import default_model_splits as splits_mod
 import scxtrimo
-from _evaluation import KANG, load_model, log, machine, quiet, run_record, write_results
+from _evaluation import load_model, log, machine, quiet, run_record, write_results
 from scxtrimo.model import XTrimoGene
 from scxtrimo.tl._evaluate import classification_scores, pca_fit_transform
 
 MODES = ("head", "last_layers", "full")
-KANG_TRAIN_DONORS = ["donor1015", "donor1256", "donor1488", "donor1244"]
 
 
 def subsample(idx: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -52,34 +52,29 @@ def subsample(idx: np.ndarray, n: int | None, rng: np.random.Generator) -> np.nd
     return np.sort(rng.choice(idx, n, replace=False))
 
 
-def kang_split(n_train, n_test, seed):
-    adata = ad.read_h5ad(KANG)
+def _labelled(split, n_train, n_test, seed):
+    """Training / held-out rows of a pretraining split with a known label, subsampled."""
+    adata = split.adata
+    known = (adata.obs["cell_type"].astype(str) != "?").to_numpy()
     rng = np.random.default_rng(seed)
-    is_train = adata.obs["batch"].isin(KANG_TRAIN_DONORS).to_numpy()
-    train = subsample(np.flatnonzero(is_train), n_train, rng)
-    test = subsample(np.flatnonzero(~is_train), n_test, rng)
-    return adata, train, test, "train donors " + ", ".join(KANG_TRAIN_DONORS)
+    train = subsample(split.train[known[split.train]], n_train, rng)
+    test = subsample(split.held_out[known[split.held_out]], n_test, rng)
+    return train, test
+
+
+def kang_split(n_train, n_test, seed):
+    split = splits_mod.kang_split(splits_mod.data_dir())
+    train, test = _labelled(split, n_train, n_test, seed)
+    donors = ", ".join(d.removeprefix("donor") for d in splits_mod.KANG_HELD_OUT_DONORS)
+    return split.adata, train, test, f"test donors {donors}, held out of pretraining"
 
 
 def pbmc_split(n_train, n_test, seed):
-    from sklearn.model_selection import train_test_split
-
-    adata = scxtrimo.datasets.pbmc4k()
-    adata = adata[adata.obs["cell_type"] != "?"].copy()
-    adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
-    train, test = train_test_split(
-        np.arange(adata.n_obs),
-        test_size=0.5,
-        stratify=adata.obs["cell_type"].to_numpy(),
-        random_state=seed,
-    )
-    rng = np.random.default_rng(seed)
-    return (
-        adata,
-        subsample(np.sort(train), n_train, rng),
-        subsample(np.sort(test), n_test, rng),
-        "stratified 50/50",
-    )
+    split = splits_mod.pbmc4k_split(splits_mod.data_dir())
+    adata = split.adata
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
+    train, test = _labelled(split, n_train, n_test, seed)
+    return adata, train, test, "test: the 10% held out of pretraining"
 
 
 def _fresh(model_path, model_info, control, seed, max_genes):
