@@ -143,6 +143,22 @@ autodoc_inherit_docstrings = False  # no scvi-tools / torch docstrings pasted in
 autodoc_class_signature = "mixed"
 autodoc_default_options = {"show-inheritance": False}
 
+
+def _model_methods() -> list[str]:
+    """Public methods of XTrimoGene written in scxtrimo: its own and its mixins' (model_class.rst)."""
+    from scxtrimo.model import XTrimoGene
+
+    return sorted(
+        name
+        for klass in XTrimoGene.__mro__
+        if klass.__module__.startswith("scxtrimo.")
+        for name, value in vars(klass).items()
+        if not name.startswith("_") and not isinstance(value, property)
+    )
+
+
+autosummary_context = {"model_methods": _model_methods()}
+
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_include_init_with_doc = False

@@ -263,18 +263,17 @@ def prepare_input(
 # ----------------------------------------------------------------------------------------
 
 
-# XTrimoGene._latent_from_prepared repeats this signature: the delegate train/ and tl/ call.
 @torch.inference_mode()
 def latent_from_prepared(
     module: XTrimoGeneModule,
     prep: PreparedInput,
     *,
-    batch_size: int | None,
-    pooling: Pooling,
-    max_tokens: int,
-    device: str | torch.device | None,
-    autocast: bool | None,
-    progress_bar: bool | None,
+    batch_size: int | None = None,
+    pooling: Pooling = "all",
+    max_tokens: int = 16_384,
+    device: str | torch.device | None = None,
+    autocast: bool | None = None,
+    progress_bar: bool | None = None,
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Embeddings of ``prep.cells`` at ``rows`` (default: every row of the AnnData).
@@ -293,28 +292,6 @@ def latent_from_prepared(
     use_autocast = dev.type == "cuda" and (autocast is None or autocast)
     show = settings.progress_bar if progress_bar is None else progress_bar
 
-    def run(tokens: dict[str, np.ndarray]) -> np.ndarray:
-        batch = {k: torch.from_numpy(v).to(dev, non_blocking=True) for k, v in tokens.items()}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
-            h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-            z = module.pool(h, batch["padding_mask"], pooling)
-        return z.float().cpu().numpy()
-
-    def run_splitting(tokens: dict[str, np.ndarray]) -> np.ndarray:
-        try:
-            return run(tokens)
-        except (RuntimeError, torch.OutOfMemoryError) as err:
-            n = tokens["gene_index"].shape[0]
-            if not is_oom(err) or n == 1:
-                raise
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            logger.warning("Out of memory on a batch of %d cells; retrying in halves.", n)
-            half = n // 2
-            first = {k: v[:half] for k, v in tokens.items()}
-            second = {k: v[half:] for k, v in tokens.items()}
-            return np.concatenate([run_splitting(first), run_splitting(second)])
-
     batches = iter_inference_batches(
         prep.matrix,
         prep.mapping.col_to_vocab,
@@ -330,7 +307,8 @@ def latent_from_prepared(
         total=len(unique_cells), desc="Embedding cells", unit="cell", disable=not show
     ) as bar:
         for batch in batches:
-            by_cell[np.searchsorted(unique_cells, batch.cells)] = run_splitting(batch.tokens)
+            z = encode_pooled(module, batch.tokens, dev, pooling, use_autocast)
+            by_cell[np.searchsorted(unique_cells, batch.cells)] = z.cpu().numpy()
             bar.update(len(batch.cells))
     rows = np.arange(prep.matrix.shape[0]) if rows is None else np.asarray(rows, np.int64)
     if np.array_equal(rows, unique_cells):
@@ -341,6 +319,52 @@ def latent_from_prepared(
     out = np.full((len(rows), width), np.nan, dtype=np.float32)
     out[found] = by_cell[position[found]]
     return out
+
+
+def _encode_batch(
+    module: XTrimoGeneModule,
+    tokens: dict[str, np.ndarray],
+    device: torch.device,
+    pooling: str,
+    use_autocast: bool,
+) -> torch.Tensor:
+    batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+        z = module.pool(h, batch["padding_mask"], pooling)
+    return z.float()
+
+
+def encode_pooled(
+    module: XTrimoGeneModule,
+    tokens: dict[str, np.ndarray],
+    device: torch.device,
+    pooling: str,
+    use_autocast: bool,
+) -> torch.Tensor:
+    """Pooled float32 embeddings of one batch of encoder tokens, left on ``device``.
+
+    A batch that runs out of memory is retried in halves (down to single cells); both
+    :func:`latent_from_prepared` and the chunks of ``tl.embed_to_store`` embed through here.
+    """
+    try:
+        return _encode_batch(module, tokens, device, pooling, use_autocast)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        n = tokens["gene_index"].shape[0]
+        if not is_oom(err) or n == 1:
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("Out of memory on a batch of %d cells; retrying in halves.", n)
+        half = n // 2
+        first = {k: v[:half] for k, v in tokens.items()}
+        second = {k: v[half:] for k, v in tokens.items()}
+        return torch.cat(
+            [
+                encode_pooled(module, first, device, pooling, use_autocast),
+                encode_pooled(module, second, device, pooling, use_autocast),
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------------------

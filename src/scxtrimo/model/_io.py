@@ -1,22 +1,33 @@
-"""Persistence of a model: its files, their safe reading and atomic writing, its JSON registry."""
+"""Persistence of a model: save and load, its files, their safe reading and atomic writing, its JSON registry."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
+from scxtrimo._settings import settings
 from scxtrimo._version import __version__
+from scxtrimo.module import XTrimoGeneConfig
+
+from ._inference import SETUP_DEFAULTS
+
+if TYPE_CHECKING:
+    from ._model import XTrimoGene
+
+logger = logging.getLogger("scxtrimo")
 
 MODEL_FILE = "model.pt"
 METADATA_FILE = "model.json"
@@ -144,12 +155,19 @@ def load_state_dict_checked(
 # ----------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, sync: bool = False) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file.
+
+    ``sync``: flush the file to disk before the rename (a commit marker that must survive a
+    crash of the machine, not only of the process).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -289,3 +307,154 @@ def classifier_info(labels_key: str | None, categories: Sequence) -> dict:
         "n_last_layers": None,
         "max_genes": None,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# The save and load methods
+# ----------------------------------------------------------------------------------------
+
+
+class SaveLoadMixin:
+    """``save``, ``load`` and ``from_scfoundation`` of :class:`~scxtrimo.model.XTrimoGene`."""
+
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model: weights (``model.pt``) and metadata (``model.json``).
+
+        The weights file holds only tensors, so :meth:`load` reads it with
+        ``torch.load(weights_only=True)``; the metadata record the scxtrimo version, the
+        architecture and how the model reads an AnnData.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write (created).
+        prefix
+            Prefix for the file names.
+        overwrite
+            Replace an existing directory's model files.
+        save_anndata
+            Also write the registered AnnData as ``adata.h5ad``.
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        path = Path(dir_path)
+        prefix = prefix or ""
+        weights = path / f"{prefix}{MODEL_FILE}"
+        if weights.exists() and not overwrite:
+            raise FileExistsError(f"{weights} exists; pass overwrite=True to replace it.")
+        path.mkdir(parents=True, exist_ok=True)
+        if save_anndata:
+            if self.adata is None:
+                raise ValueError("save_anndata=True but the model has no AnnData.")
+            self.adata.write_h5ad(path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        write_model_files(weights, path / f"{prefix}{METADATA_FILE}", state, saved_metadata(self))
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        device: str | None = None,
+        prefix: str | None = None,
+    ) -> XTrimoGene:
+        """Load a model written by :meth:`save`.
+
+        Weights are read with ``torch.load(weights_only=True)``: a file crafted to run code on
+        load is refused. The metadata and every tensor name and shape are checked against the
+        architecture before anything is loaded.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData to attach (set up with the saved arguments); ``None`` for inference only.
+        device
+            Device to put the model on (default ``scxtrimo.settings.device``).
+        prefix
+            File-name prefix used when saving.
+        """
+        path = Path(dir_path)
+        prefix = prefix or ""
+        metadata = read_metadata(path / f"{prefix}{METADATA_FILE}", expected_class=cls.__name__)
+        config = XTrimoGeneConfig.from_dict(metadata["config"])
+        state = read_state_dict(path / f"{prefix}{MODEL_FILE}")
+        registry = registry_from_json(metadata.get("registry"), cls.__name__, SETUP_DEFAULTS)
+        classifier = metadata.get("classifier") or None
+        if adata is not None:
+            setup = {k: v for k, v in metadata["setup_args"].items() if v is not None}
+            key = (classifier or {}).get("labels_key")
+            if key in adata.obs.columns and adata.obs[key].notna().all():
+                setup["labels_key"] = key  # labelled data: ready to fine-tune further
+            cls.setup_anndata(adata, **setup)
+            model = cls(adata, config=config, seed=metadata.get("seed"))
+        else:
+            model = cls(None, config=config, seed=metadata.get("seed"), registry=registry)
+            model.registry_["setup_args"] = dict(metadata["setup_args"])
+        # The head is the one that was saved, whatever the attached data registers.
+        model._set_classifier(
+            (classifier or {}).get("categories") or [],
+            (classifier or {}).get("labels_key"),
+            info=classifier,
+        )
+        load_state_dict_checked(model.module, state, source=str(path / f"{prefix}{MODEL_FILE}"))
+        restore_saved_attributes(model, metadata)
+        model.to_device(settings.resolve_device(device))
+        model.module.eval()
+        return model
+
+    @classmethod
+    def from_scfoundation(
+        cls,
+        path: str | os.PathLike,
+        adata: AnnData | None = None,
+        *,
+        checkpoint: Literal["cell", "rde", "gene"] = "cell",
+        device: str | None = None,
+    ) -> XTrimoGene:
+        """Load the official scFoundation checkpoint (``models.ckpt``).
+
+        The file holds three sub-models: ``"cell"`` for cell embeddings, ``"rde"`` for
+        read-depth-enhanced cell embeddings (use with ``target_depth`` above the cell's depth,
+        e.g. ``"add:1"``), ``"gene"`` for gene embeddings and predicted expression. The file is
+        read with ``torch.load(weights_only=True, mmap=True)`` (never unpickling code, and
+        reading only the chosen sub-model from disk); its structure and every tensor shape are
+        validated before loading. The scFoundation weights are for non-commercial research
+        only (scFoundation License); scxtrimo does not ship them.
+
+        Parameters
+        ----------
+        path
+            Path to ``models.ckpt``.
+        adata
+            AnnData with raw counts to attach (optional).
+        checkpoint
+            Which sub-model to load.
+        device
+            Device to put the model on.
+        """
+        from ._scfoundation import LICENSE_NOTICE, read_scfoundation_checkpoint
+
+        config, state, _meta = read_scfoundation_checkpoint(path, checkpoint=checkpoint)
+        logger.info(LICENSE_NOTICE)
+        if adata is not None:
+            cls.setup_anndata(adata)
+            model = cls(adata, config=config)
+        else:
+            model = cls(None, config=config)
+        load_state_dict_checked(model.module, state, source=f"{path} [{checkpoint}]")
+        model.default_target_depth_ = "t4"  # the official default (--tgthighres t4)
+        model.source_ = f"scfoundation:{checkpoint}"
+        model.is_trained_ = True
+        model.to_device(settings.resolve_device(device))
+        model.module.eval()
+        return model

@@ -1,0 +1,273 @@
+"""Training a model: pretraining or fine-tuning (the ``train`` method) and its classification head."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+
+from scxtrimo.data._tokens import MaskingSpec
+from scxtrimo.train._finetune import FinetuneMode
+
+from ._inference import InvalidCells
+from ._io import classifier_info, registered_labels
+
+
+class TrainingMixin:
+    """The training methods of :class:`~scxtrimo.model.XTrimoGene`, over :mod:`scxtrimo.train`.
+
+    ``train`` checks and gathers its arguments and hands them to
+    :func:`~scxtrimo.train._pretrain.run_pretraining` or
+    :func:`~scxtrimo.train._finetune.run_finetuning`, which run Lightning.
+    """
+
+    def add_classifier(
+        self,
+        adata: AnnData,
+        labels_key: str,
+        *,
+        batch_key: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Attach labelled data and a fresh classification head, keeping all other weights.
+
+        This is how a pretrained model (:meth:`load`, :meth:`from_scfoundation`) is prepared
+        for fine-tuning: ``adata`` is registered with the model's input settings and
+        ``labels_key``, becomes the model's AnnData, and a new, randomly initialised linear
+        head with one output per class replaces any existing one. Then call
+        ``model.train(finetune="head" | "last_layers" | "full")``.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells, with the same kind of input as the model (raw counts by default).
+        labels_key
+            ``obs`` column of cell-type labels; its categories become the head's classes.
+        batch_key
+            ``obs`` column of batches (recorded only).
+        seed
+            Seed of the head's initialisation (default: the model's seed).
+
+        Examples
+        --------
+        >>> model = XTrimoGene.load("pretrained/")
+        >>> model.add_classifier(adata, labels_key="cell_type")
+        >>> model.train(max_epochs=5, finetune="head")
+        >>> scxtrimo.tl.annotate(query, model)
+        """
+        args = {k: v for k, v in self.setup_args.items() if v is not None}
+        type(self).setup_anndata(adata, labels_key=labels_key, batch_key=batch_key, **args)
+        self._adata = adata
+        self._adata_manager = self._get_most_recent_anndata_manager(adata, required=True)
+        self._register_manager_for_instance(self._adata_manager)
+        self.registry_ = self._adata_manager._registry
+        self.summary_stats = AnnDataManager._get_summary_stats_from_registry(self.registry_)
+        _, categories = registered_labels(self.registry_)
+        self._set_classifier(categories, labels_key, seed=seed)
+
+    def _set_classifier(
+        self,
+        categories: Sequence,
+        labels_key: str | None,
+        *,
+        seed: int | None = None,
+        info: dict | None = None,
+    ) -> None:
+        """Replace the classification head by a fresh one for ``categories`` (none if empty)."""
+        categories = list(categories)
+        module = self.module
+        if not categories:
+            module.classifier, module.n_labels, self.classifier_ = None, 0, None
+            self._update_summary()
+            return
+        seed = self.seed_ if seed is None else seed
+        device = next(module.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = torch.nn.Linear(4 * self.config.encoder_dim, len(categories))
+        module.classifier = head.to(device)
+        module.n_labels = len(categories)
+        self.classifier_ = {**classifier_info(labels_key, categories), **(info or {})}
+        self._update_summary()
+
+    def train(
+        self,
+        max_epochs: int = 10,
+        *,
+        corpus: Sequence[AnnData | str | os.PathLike] | None = None,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int | None = None,
+        train_size: float = 0.9,
+        masking: MaskingSpec | dict | None = None,
+        view_masking: MaskingSpec | dict | None = None,
+        contrastive_weight: float = 1.0,
+        temperature: float = 0.2,
+        max_genes: int | None = 1024,
+        seed: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        strategy: str | None = None,
+        num_nodes: int | None = None,
+        precision: str | int | None = None,
+        gradient_clip_val: float = 1.0,
+        num_workers: int = 0,
+        invalid_cells: InvalidCells = "skip",
+        drop_last: bool = False,
+        plan_kwargs: dict | None = None,
+        finetune: FinetuneMode | None = None,
+        n_last_layers: int = 1,
+        **trainer_kwargs,
+    ):
+        """Pretrain (read-depth-aware masked regression + a cell-level term) or fine-tune.
+
+        The pretraining objective has two parts. **Read-depth-aware masked regression**
+        (scFoundation): half of the cells are binomially down-sampled to a random fraction of
+        their counts; the input carries the lower depth ``S``, ``T`` keeps the original one,
+        and the decoder predicts the original cell's normalised values at masked non-zero
+        genes, masked zero genes and the genes the encoder saw, so one cell at two depths maps
+        to one state. **A cell-level contrastive term**: a second view of each cell, with
+        independent down-sampling and masks (and ``T = S``, so depth cannot identify it), is
+        encoded, and InfoNCE over the batch asks each view's pooled embedding to find its
+        twin (weight ``contrastive_weight``; 0 turns it off). The masked-regression term alone
+        teaches the encoder little cell identity; the contrastive term is what makes the
+        embedding separate cell types (see the evaluation in the docs).
+
+        Training can run over several studies (``corpus``), each with its own gene set:
+        batches never mix studies, genes a study did not measure carry no loss and are given
+        to the decoder as unknown (the mask embedding), never as zeros.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells (``max_steps=`` in ``trainer_kwargs`` caps steps).
+        corpus
+            Studies to pretrain on: AnnData objects (in memory, backed or views) or ``.h5ad``
+            paths (read backed), each with raw counts and its own genes. ``None``: the
+            registered AnnData. Every study is checked before training starts; an error names
+            the study.
+        batch_size
+            Cells per step (the global batch: under data-parallel training each of ``N``
+            ranks takes ``batch_size / N`` cells of it).
+        lr, weight_decay, warmup_steps
+            AdamW with linear warm-up (default 5% of steps) and cosine decay.
+        train_size
+            Share of cells for training; the rest are held out for validation
+            (``validation_loss`` in :attr:`history`).
+        masking
+            :class:`~scxtrimo.data.MaskingSpec` (or a dict of its fields) of the regression
+            view: masking rates and down-sampling (``downsample_prob=0`` turns off the
+            read-depth pairs).
+        view_masking
+            The same for the contrastive view (default: always down-sampled, scFoundation
+            masking rates).
+        contrastive_weight
+            Weight of the InfoNCE term; 0: masked regression only (no second view is built).
+        temperature
+            Softmax temperature of the InfoNCE term.
+        max_genes
+            Cap on visible gene tokens per cell (a cell's highest values are kept; ``None``: no
+            cap). Attention costs grow with the square of a cell's tokens, so the cap bounds the
+            cost of deep cells. After pretraining it becomes :attr:`default_max_genes`, the cap
+            used at inference.
+        seed
+            Seed for masks, down-sampling, the split, batch order and dropout. Masks and
+            down-sampling are drawn per cell from (seed, epoch, cell), independent of the
+            batch and of the number of processes.
+        accelerator, devices, strategy, num_nodes, precision, gradient_clip_val
+            Passed to the Lightning trainer (e.g. ``accelerator="gpu", devices=4,
+            strategy="ddp", precision="bf16-mixed"``; ``num_nodes`` for multi-node runs
+            launched by ``torchrun`` or SLURM).
+        num_workers
+            DataLoader workers building batches in parallel (in-memory data only).
+        invalid_cells
+            Cells with < 2 in-vocabulary counts are ``"skip"``-ped (default) or ``"raise"``.
+        drop_last
+            Drop each study's incomplete last batch every epoch (equal batch sizes).
+        plan_kwargs
+            More arguments for :class:`~scxtrimo.train.XTrimoGeneTrainingPlan`.
+        finetune
+            ``None`` (default): pretraining. Otherwise fine-tune the
+            classification head for the registered labels (``setup_anndata(...,
+            labels_key=...)`` or :meth:`add_classifier`) with cross-entropy; batches hold the
+            cells' encoder tokens and labels, nothing is masked and the decoder does not run.
+            ``"head"``: only the head, on the frozen encoder (a linear probe; the cell
+            embeddings are computed once, so epochs are almost free);
+            ``"last_layers"``: the head, the last ``n_last_layers`` encoder layers and the
+            encoder's final LayerNorm; ``"full"``: the head, the embeddings and the whole
+            encoder. Frozen parts run without dropout; the decoder is never changed. The
+            history then holds ``train_loss``/``validation_loss`` (cross-entropy) and
+            ``train_accuracy``/``validation_accuracy``; predict with
+            :func:`scxtrimo.tl.annotate`. ``masking`` and ``corpus`` are ignored.
+        n_last_layers
+            Encoder layers trained with ``finetune="last_layers"``.
+        **trainer_kwargs
+            More arguments for :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
+            (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume, ``max_steps``,
+            ``max_time``...).
+        """
+        if self.adata is None:
+            raise ValueError(
+                "Training needs registered data: XTrimoGene.setup_anndata(adata) and "
+                "XTrimoGene(adata, ...), or model = XTrimoGene.load(path, adata=adata)."
+            )
+        seed = self.seed_ if seed is None else seed
+        common = {
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "train_size": train_size,
+            "max_genes": max_genes,
+            "seed": seed,
+            "accelerator": accelerator,
+            "devices": devices,
+            "precision": precision,
+            "gradient_clip_val": gradient_clip_val,
+            "num_workers": num_workers,
+            "invalid_cells": invalid_cells,
+            "plan_kwargs": plan_kwargs,
+        }
+        if finetune is not None:
+            from scxtrimo.train._finetune import run_finetuning
+
+            if strategy is not None:
+                trainer_kwargs["strategy"] = strategy
+            if num_nodes is not None:
+                trainer_kwargs["num_nodes"] = num_nodes
+            return run_finetuning(
+                self,
+                mode=finetune,
+                n_last_layers=n_last_layers,
+                trainer_kwargs=trainer_kwargs,
+                **common,
+            )
+        from scxtrimo.train._pretrain import run_pretraining
+
+        return run_pretraining(
+            self,
+            [self.adata] if corpus is None else corpus,
+            masking=_masking_spec(masking, MaskingSpec()),
+            view_masking=_masking_spec(view_masking, None),
+            contrastive_weight=contrastive_weight,
+            temperature=temperature,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            drop_last=drop_last,
+            trainer_kwargs=trainer_kwargs,
+            **common,
+        )
+
+
+def _masking_spec(
+    masking: MaskingSpec | dict | None, default: MaskingSpec | None
+) -> MaskingSpec | None:
+    """A :class:`~scxtrimo.data.MaskingSpec` from a spec, a dict of its fields, or ``None``."""
+    if masking is None:
+        return default
+    return masking if isinstance(masking, MaskingSpec) else MaskingSpec(**masking)
