@@ -144,7 +144,7 @@ def processes(path: str, workdir: str, devices: int) -> dict[str, Any]:
 
     import scxtrimo
     from scxtrimo.model import XTrimoGene
-    from scxtrimo.tl._embed_store import _Store
+    from scxtrimo.tl._store import _Store
 
     scxtrimo.settings.progress_bar = False
     model = XTrimoGene(None, config="tiny", seed=0)

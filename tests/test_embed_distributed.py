@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import scxtrimo
-from scxtrimo.tl._embed_store import _Store
+from scxtrimo.tl._store import _Store
 
 
 def test_two_processes_equal_one(pbmc, tiny_model, tmp_path):

@@ -14,7 +14,8 @@ import scxtrimo
 from scxtrimo._cli import main
 from scxtrimo.data import ConcatSource, H5adSource, ZarrSource, open_source
 from scxtrimo.model import XTrimoGene
-from scxtrimo.tl._embed_store import _StopForTest, _Store
+from scxtrimo.tl._embed_store import _StopForTest
+from scxtrimo.tl._store import _Store
 
 ATOL = 1e-5
 

@@ -73,7 +73,7 @@ class StoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        from ._embed_store import _Store
+        from ._store import _Store
 
         if prediction is None:
             return

@@ -8,14 +8,7 @@ that is killed leaves the finished chunks and at most one chunk whose marker is 
 ``resume=True`` only chunks without a marker are computed. Memory depends on the chunk and
 batch sizes, never on the number of cells (only ``obs`` and the per-gene tables are held).
 
-Store layout (an AnnData zarr store; ``anndata.read_zarr(out)`` reads it):
-
-- ``obs``: the cells, in input order; ``var``: empty (no genes);
-- ``obsm/<key_added>``: float32, cells x width, zarr chunks of ``chunk_size`` rows (NaN where
-  a chunk is not finished, or a cell was skipped);
-- ``uns/scxtrimo/<key_added>``: the run's parameters, written when the run completes;
-- ``obsm/<key_added>/.scxtrimo/``: ``fingerprint.json`` (model and input), ``done/<chunk>``
-  markers and ``complete`` (hidden from zarr and anndata).
+The store and its layout are in ``tl/_store``, the per-chunk engine in ``tl/_chunks``.
 
 With several processes (``devices > 1``, Lightning DDP), each rank embeds its share of the
 unfinished chunks and writes them through a prediction writer; chunks are aligned to the zarr
@@ -24,381 +17,46 @@ chunks, so two ranks never write to the same zarr chunk and the rows end in inpu
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
 from scxtrimo._settings import settings
 from scxtrimo._version import __version__
-from scxtrimo.data._loading import iter_inference_batches
-from scxtrimo.data._sources import ConcatSource, RowSource, _fingerprint_of, open_source
-from scxtrimo.data._tokens import InputSpec, TokenIndex
-from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
+from scxtrimo.data._sources import RowSource, open_source
+
+from ._chunks import DEFAULT_CHUNK_SIZE, _Engine
+from ._store import (
+    STORE_FORMAT,
+    STORE_VERSION,
+    _diff_keys,
+    _Store,
+    _write_h5ad,
+    input_fingerprint,
+    leaf_sources,
+    model_fingerprint,
+)
 
 if TYPE_CHECKING:
     from scxtrimo.model import XTrimoGene
 
 logger = logging.getLogger("scxtrimo")
 
-STORE_FORMAT = "scxtrimo-embedding-store"
-STORE_VERSION = 1
-DEFAULT_CHUNK_SIZE = 4096
 _KILL_ENV = "SCXTRIMO_TEST_KILL_AFTER_CHUNKS"  # test hook: SIGKILL after N committed chunks
 
 
 class _StopForTest(RuntimeError):
     """Raised by the ``_stop_after_chunks`` test hook (simulates an interrupted run)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Fingerprints
-# ---------------------------------------------------------------------------------------------
-
-
-def _hash_names(names: Sequence[str] | pd.Index, step: int = 1_000_000) -> str:
-    h = hashlib.sha256()
-    names = pd.Index(names).astype(str)
-    for start in range(0, len(names), step):
-        h.update("\n".join(names[start : start + step]).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def model_fingerprint(net: XTrimoGene) -> dict:
-    """What identifies a model's embeddings: a SHA-256 of its weights, and its configuration."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(net.module.state_dict().items()):
-        h.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {
-        "weights_sha256": h.hexdigest(),
-        "config": json.loads(json.dumps(net.config.to_dict(), default=str)),
-        "source": getattr(net, "source_", None),
-    }
-
-
-def _leaf_sources(source: RowSource) -> list[RowSource]:
-    return list(source.sources) if isinstance(source, ConcatSource) else [source]
-
-
-def input_fingerprint(source: RowSource) -> dict:
-    """What identifies an input: its kind, paths, shapes, sizes and hashes of its names."""
-    leaves = _leaf_sources(source)
-    return {
-        "sources": [_fingerprint_of(s) for s in leaves],
-        "obs_names_sha256": _hash_names(source.obs.index),
-        "var_names_sha256": [_hash_names(s.var.index) for s in leaves],
-        "n_obs": int(source.shape[0]),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-chunk embedding engine (picklable: sent to every rank under DDP)
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-@dataclass
-class _Engine:
-    """Embeds rows of a source: the model module plus everything fixed before the run."""
-
-    module: torch.nn.Module
-    n_genes: int
-    width: int
-    spec: InputSpec
-    col_to_vocab: list[np.ndarray]  # one per leaf source
-    pooling: str
-    invalid: str
-    total_counts_key: str | None
-    batch_size: int | None
-    max_tokens: int
-    autocast: bool | None = None
-    source: Any = None
-    n_obs: int = 0
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-
-    def chunk_rows(self, k: int) -> tuple[int, int]:
-        """Global rows ``start, stop`` of chunk ``k``."""
-        start = k * self.chunk_size
-        return start, min(self.n_obs, start + self.chunk_size)
-
-    def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
-        leaves = _leaf_sources(self.source)
-        out = []
-        for i, _ in enumerate(leaves):
-            lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
-            if lo < hi:
-                out.append((i, int(lo - self.offsets[i]), int(hi - self.offsets[i])))
-        return out
-
-    @torch.inference_mode()
-    def embed_chunk(self, k: int, device: torch.device) -> tuple[np.ndarray, int]:
-        """Embedding of chunk ``k`` (rows in order, NaN for skipped cells) and #skipped."""
-        start, stop = self.chunk_rows(k)
-        leaves = _leaf_sources(self.source)
-        parts, n_skipped = [], 0
-        for i, lo, hi in self.pieces(start, stop):
-            src = leaves[i]
-            rows = np.arange(lo, hi, dtype=np.int64)
-            block = src.read_rows(rows)
-            totals = None
-            if self.total_counts_key is not None:
-                totals = src.obs[self.total_counts_key].to_numpy(dtype=np.float64)[lo:hi]
-            emb, skipped = self.embed_block(block, self.col_to_vocab[i], src, rows, totals, device)
-            parts.append(emb)
-            n_skipped += skipped
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), n_skipped
-
-    def embed_block(
-        self,
-        block: sp.csr_matrix,
-        col_to_vocab: np.ndarray,
-        src: RowSource,
-        rows: np.ndarray,
-        totals: np.ndarray | None,
-        device: torch.device,
-    ) -> tuple[np.ndarray, int]:
-        """Embedding of the rows of an in-memory CSR block (one source's genes)."""
-        obs_names = src.obs.index[rows]
-        input_type = self.spec.input_type
-        stats = scan_cells(
-            block, col_to_vocab, input_type=input_type, obs_names=obs_names,
-            var_names=src.var.index,
-        )  # fmt: skip
-        if totals is not None:
-            bad = ~np.isfinite(totals) | (totals < 1)
-            if bad.any():
-                raise ValueError(
-                    f"{src.name}: obs[{self.total_counts_key!r}] must hold total counts >= 1; "
-                    f"{int(bad.sum())} cells do not (e.g. {list(obs_names[bad][:3])})."
-                )
-            if input_type == "log1p":
-                stats = CellStats(totals, stats.n_tokens, stats.count_fraction)
-        bad = invalid_cells(stats, input_type)
-        if bad.size and self.invalid == "raise":
-            raise ValueError(f"{src.name}: " + invalid_cells_message(bad, obs_names, stats))
-        n = block.shape[0]
-        cells = np.setdiff1d(np.arange(n), bad) if bad.size else np.arange(n)
-        out = torch.full((n, self.width), float("nan"), dtype=torch.float32, device=device)
-        if cells.size:
-            module = self.module.to(device).eval()
-            use_autocast = device.type == "cuda" and (self.autocast is None or self.autocast)
-            batches = iter_inference_batches(
-                block,
-                col_to_vocab,
-                stats.n_tokens,
-                self.spec,
-                TokenIndex(self.n_genes),
-                cells=cells,
-                total_counts=totals,
-                batch_size=self.batch_size,
-                max_tokens=self.max_tokens,
-                chunk_size=max(n, 1),
-            )
-            for batch in batches:
-                idx = torch.from_numpy(batch.cells).to(device, non_blocking=True)
-                out[idx] = self._run_splitting(module, batch.tokens, device, use_autocast)
-        # One device-to-host copy per chunk, none per batch.
-        return out.cpu().numpy(), int(bad.size)
-
-    def _run(self, module, tokens, device, use_autocast) -> torch.Tensor:
-        batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-            z = module.pool(h, batch["padding_mask"], self.pooling)
-        return z.float()
-
-    def _run_splitting(self, module, tokens, device, use_autocast) -> torch.Tensor:
-        try:
-            return self._run(module, tokens, device, use_autocast)
-        except (RuntimeError, torch.OutOfMemoryError) as err:
-            n = tokens["gene_index"].shape[0]
-            if not _is_oom(err) or n == 1:
-                raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            logger.warning("Out of memory on a batch of %d cells; retrying in halves.", n)
-            half = n // 2
-            first = {k: v[:half] for k, v in tokens.items()}
-            second = {k: v[half:] for k, v in tokens.items()}
-            return torch.cat(
-                [
-                    self._run_splitting(module, first, device, use_autocast),
-                    self._run_splitting(module, second, device, use_autocast),
-                ]
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# The store
-# ---------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-class _Store:
-    """The zarr embedding store at ``path`` for ``obsm[key]`` (see the module docstring)."""
-
-    def __init__(self, path: Path, key: str) -> None:
-        self.path = Path(path)
-        self.key = key
-        self._array = None
-
-    @property
-    def array_path(self) -> Path:
-        return self.path / "obsm" / self.key
-
-    @property
-    def meta_dir(self) -> Path:
-        return self.array_path / ".scxtrimo"
-
-    @property
-    def done_dir(self) -> Path:
-        return self.meta_dir / "done"
-
-    @property
-    def fingerprint_file(self) -> Path:
-        return self.meta_dir / "fingerprint.json"
-
-    @property
-    def complete_file(self) -> Path:
-        return self.meta_dir / "complete"
-
-    def is_store(self) -> bool:
-        return self.fingerprint_file.is_file()
-
-    def is_complete(self) -> bool:
-        return self.complete_file.is_file()
-
-    def read_fingerprint(self) -> dict:
-        return json.loads(self.fingerprint_file.read_text())
-
-    def create(self, obs: pd.DataFrame, width: int, chunk_size: int, fingerprint: dict) -> None:
-        """Create the whole store in a temporary folder, then rename it into place."""
-        import anndata as ad
-        import zarr
-        from anndata.io import write_elem
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(
-            tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        )
-        try:
-            fmt = ad.settings.zarr_write_format
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=fmt)
-            root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-            obs = obs.copy()
-            obs.index = pd.Index(obs.index.astype(str), name=None)
-            try:
-                write_elem(root, "obs", obs)
-            except Exception as err:
-                logger.warning(
-                    "obs columns could not be written (%s); writing obs names only.", err
-                )
-                if "obs" in root:
-                    del root["obs"]
-                write_elem(root, "obs", pd.DataFrame(index=obs.index))
-            write_elem(root, "var", pd.DataFrame(index=pd.Index([], dtype=str)))
-            write_elem(root, "uns", {})
-            obsm = root.create_group("obsm")
-            obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-            n = len(obs)
-            arr = obsm.create_array(
-                self.key,
-                shape=(n, width),
-                chunks=(max(1, min(chunk_size, n)), width),
-                dtype="float32",
-                fill_value=np.nan,
-            )
-            arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            meta = tmp / "obsm" / self.key / ".scxtrimo"
-            (meta / "done").mkdir(parents=True)
-            (meta / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
-            os.replace(tmp, self.path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def array(self):
-        import zarr
-
-        if self._array is None:
-            self._array = zarr.open_array(str(self.array_path), mode="r+")
-        return self._array
-
-    def done_chunks(self) -> dict[int, dict]:
-        out = {}
-        for name in os.listdir(self.done_dir):
-            if name.isdigit():
-                try:
-                    out[int(name)] = json.loads((self.done_dir / name).read_text())
-                except (OSError, ValueError):  # pragma: no cover - a marker is written atomically
-                    continue
-        return out
-
-    def write_chunk(self, k: int, start: int, emb: np.ndarray, info: dict) -> None:
-        """Write the rows of chunk ``k``, then commit it (marker moved into place)."""
-        self.array()[start : start + emb.shape[0]] = emb
-        info = {**info, "n_rows": int(emb.shape[0]), "committed_at": time.time()}
-        _atomic_write_text(self.done_dir / f"{k:09d}", json.dumps(info))
-
-    def finish(self, report: dict) -> None:
-        import zarr
-        from anndata.io import write_elem
-
-        root = zarr.open_group(str(self.path), mode="r+")
-        uns = {"scxtrimo": {self.key: report}}
-        if "uns" in root:
-            del root["uns"]
-        write_elem(root, "uns", uns)
-        _atomic_write_text(self.complete_file, json.dumps({"finished": time.time()}))
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +293,7 @@ def embed_to_store(
             "obs_value_filter": obs_value_filter,
         }
     source = open_source(input, layer=layer, **soma_kwargs)
-    leaves = _leaf_sources(source)
+    leaves = leaf_sources(source)
     n_obs = int(source.shape[0])
     if n_obs == 0:
         raise ValueError(f"{source.name} has no cells.")
@@ -740,7 +398,6 @@ def embed_to_store(
         source=source,
         n_obs=n_obs,
         chunk_size=chunk,
-        offsets=np.cumsum([0, *(s.shape[0] for s in leaves)]).astype(np.int64),
     )
     n_chunks = -(-n_obs // chunk)
     if store.is_complete():
@@ -878,83 +535,3 @@ def _predict_distributed(
         datamodule=ChunkDataModule(pending),
         return_predictions=False,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# h5ad output
-# ---------------------------------------------------------------------------------------------
-
-
-def _write_h5ad(store: _Store, out: Path, report: dict, copy_from: Path | None) -> None:
-    """Write ``out`` from the finished store through a temporary file and a rename."""
-    import anndata as ad
-    import h5py
-    import zarr
-    from anndata.io import read_elem, write_elem
-
-    root = zarr.open_group(str(store.path), mode="r")
-    arr = root["obsm"][store.key]
-    n, width = arr.shape
-    step = arr.chunks[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if copy_from is not None:
-            shutil.copyfile(copy_from, tmp)  # byte copy: X is never loaded into memory
-        else:
-            ad.AnnData(obs=read_elem(root["obs"])).write_h5ad(tmp)
-        with h5py.File(tmp, "r+") as f:
-            obsm = f.require_group("obsm")
-            if "encoding-type" not in obsm.attrs:
-                obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-            if store.key in obsm:
-                del obsm[store.key]
-            ds = obsm.create_dataset(
-                store.key, shape=(n, width), dtype="float32", chunks=(max(1, min(step, n)), width)
-            )
-            ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            for start in range(0, n, step):  # one chunk in memory at a time
-                ds[start : start + step] = arr[start : start + step]
-            uns = f.require_group("uns")
-            existing = dict(read_elem(uns["scxtrimo"])) if "scxtrimo" in uns else {}
-            existing[store.key] = report
-            if "scxtrimo" in uns:
-                del uns["scxtrimo"]
-            write_elem(uns, "scxtrimo", existing)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def iter_embedding_store(path: str | os.PathLike, key: str = "X_scxtrimo") -> Iterator[np.ndarray]:
-    """Iterate over the embedding rows of a finished ``.zarr`` store, one chunk at a time.
-
-    For stores too large to load; ``anndata.read_zarr(path).obsm[key]`` loads it whole.
-
-    Parameters
-    ----------
-    path
-        A store written by :func:`embed_to_store`.
-    key
-        The ``obsm`` key.
-
-    Raises
-    ------
-    ValueError
-        If the store is not complete (resume the run first).
-    """
-    import zarr
-
-    store = _Store(Path(path), key)
-    if not store.is_store():
-        raise ValueError(f"{path} is not an scxtrimo embedding store for obsm[{key!r}].")
-    if not store.is_complete():
-        raise ValueError(
-            f"{path} is not complete; finish it with embed_to_store(..., resume=True)."
-        )
-    arr = zarr.open_group(str(path), mode="r")["obsm"][key]
-    step = arr.chunks[0]
-    return (np.asarray(arr[s : s + step]) for s in range(0, arr.shape[0], step))
