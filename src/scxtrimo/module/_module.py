@@ -6,13 +6,13 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import nn
 
 from ._configs import XTrimoGeneConfig, get_config
 from ._embedding import AutoDiscretizationEmbedding
 from ._encoder import TransformerEncoder
+from ._loss import objective
 from ._performer import KeyStabilizer, PerformerDecoder
 
 __all__ = ["XTrimoGeneModule"]
@@ -231,15 +231,9 @@ class XTrimoGeneModule(BaseModuleClass):
         measured: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder input ``[B, n_genes + 2, decoder_dim]`` (after ``decoder_embed``)."""
+        masked = (masked_index, masked_value, masked_token, masked_pad)
         constant, source, index, _ = self._decoder_rows(
-            h,
-            gene_index,
-            padding_mask,
-            masked_index,
-            masked_value,
-            masked_token,
-            masked_pad,
-            measured,
+            h, gene_index, padding_mask, *masked, measured
         )
         decoder_input = constant.unsqueeze(0).expand(h.shape[0], -1, -1)
         decoder_input = decoder_input.scatter(
@@ -284,15 +278,9 @@ class XTrimoGeneModule(BaseModuleClass):
         Predictions ``[B, M]`` (meaningless in unused slots), and with ``with_visible`` the
         predictions at the encoder's positions ``[B, L]`` (meaningless at padding).
         """
+        masked = (masked_index, masked_value, masked_token, masked_pad)
         constant, rows, index, valid = self._decoder_rows(
-            h,
-            gene_index,
-            padding_mask,
-            masked_index,
-            masked_value,
-            masked_token,
-            masked_pad,
-            measured,
+            h, gene_index, padding_mask, *masked, measured
         )
         n_visible = gene_index.shape[1]
         first = 0 if with_visible else n_visible
@@ -355,16 +343,8 @@ class XTrimoGeneModule(BaseModuleClass):
         -------
         Decoder outputs ``[B, n_genes + 2, decoder_dim]`` after the Performer's final LayerNorm.
         """
-        decoder_input = self._decoder_input(
-            h,
-            gene_index,
-            padding_mask,
-            masked_index,
-            masked_value,
-            masked_token,
-            masked_pad,
-            measured,
-        )
+        masked = (masked_index, masked_value, masked_token, masked_pad)
+        decoder_input = self._decoder_input(h, gene_index, padding_mask, *masked, measured)
         return self.decoder(decoder_input, key_stabilizer=key_stabilizer)
 
     @staticmethod
@@ -403,16 +383,9 @@ class XTrimoGeneModule(BaseModuleClass):
         -------
         Gene embeddings ``[B, n_genes + 2 or G, decoder_dim]``.
         """
+        masked = (masked_index, masked_value, masked_token, masked_pad)
         decoded = self.decode(
-            h,
-            gene_index,
-            padding_mask,
-            masked_index,
-            masked_value,
-            masked_token,
-            masked_pad,
-            key_stabilizer=key_stabilizer,
-            measured=measured,
+            h, gene_index, padding_mask, *masked, key_stabilizer=key_stabilizer, measured=measured
         )
         return self.head_norm(self._select_positions(decoded, genes))
 
@@ -440,17 +413,9 @@ class XTrimoGeneModule(BaseModuleClass):
         -------
         Predictions ``[B, n_genes + 2 or G]``.
         """
+        masked = (masked_index, masked_value, masked_token, masked_pad)
         embeddings = self.gene_embeddings(
-            h,
-            gene_index,
-            padding_mask,
-            masked_index,
-            masked_value,
-            masked_token,
-            masked_pad,
-            key_stabilizer=key_stabilizer,
-            genes=genes,
-            measured=measured,
+            h, gene_index, padding_mask, *masked, key_stabilizer, genes=genes, measured=measured
         )
         prediction = self.expression_head(embeddings).squeeze(-1)
         if self.expression_bias is not None:
@@ -584,16 +549,7 @@ class XTrimoGeneModule(BaseModuleClass):
         if with_visible:
             positions = torch.cat([positions, gene_index.masked_fill(padding_mask, 0)], dim=1)
         prediction = self.expression(
-            h,
-            gene_index,
-            padding_mask,
-            masked_index,
-            masked_value,
-            masked_token,
-            masked_pad,
-            key_stabilizer=key_stabilizer,
-            genes=positions,
-            measured=measured,
+            *args, key_stabilizer=key_stabilizer, genes=positions, measured=measured
         )
         if with_visible:
             n_masked = masked_index.shape[1]
@@ -637,70 +593,14 @@ class XTrimoGeneModule(BaseModuleClass):
         ``[B]``; ``extra_metrics``: ``masked_mse_nonzero``/``masked_mse_zero`` (MSE over slots
         with non-zero / zero target) and ``visible_mse``.
         """
-        prediction = generative_outputs.get("prediction")
-        has_labels = self.classifier is not None and "labels" in tensors
-        if prediction is None and not has_labels:
-            raise ValueError(
-                "The batch has neither masked positions (`masked_index`, `target_value`) nor "
-                "`labels` for a classification head, so there is no loss to compute."
-            )
-        batch_size = inference_outputs["h"].shape[0]
-        total = inference_outputs["h"].new_zeros(())
-        reconstruction_loss = None
-        extra_metrics: dict[str, torch.Tensor] = {}
-        if prediction is not None:
-            target = tensors["target_value"].to(prediction.dtype)
-            masked_pad = tensors.get("masked_pad")
-            used = (
-                ~masked_pad.to(torch.bool)
-                if masked_pad is not None
-                else torch.ones_like(target, dtype=torch.bool)
-            )
-            squared_error = (prediction - target).square().masked_fill(~used, 0.0)
-            n_used = used.sum(dim=1)
-            reconstruction_loss = squared_error.sum(dim=1) / n_used.clamp(min=1)
-            if cell_mean:
-                total = total + reconstruction_loss.mean()
-            else:
-                total = total + squared_error.sum() / n_used.sum().clamp(min=1)
-            nonzero = used & (target != 0)
-            zero = used & (target == 0)
-            extra_metrics["masked_mse_nonzero"] = (
-                squared_error.masked_fill(~nonzero, 0.0).sum() / nonzero.sum().clamp(min=1)
-            ).detach()
-            extra_metrics["masked_mse_zero"] = (
-                squared_error.masked_fill(~zero, 0.0).sum() / zero.sum().clamp(min=1)
-            ).detach()
-        visible_prediction = generative_outputs.get("visible_prediction")
-        if visible_prediction is not None:
-            # Genes the encoder saw (not T, S or padding) against their full-depth values.
-            genes = ~tensors["padding_mask"].to(torch.bool)
-            genes[:, :2] = False
-            visible_error = (visible_prediction - tensors["visible_target"]).square()
-            visible_error = visible_error.masked_fill(~genes, 0.0)
-            if cell_mean:
-                visible_mse = (visible_error.sum(dim=1) / genes.sum(dim=1).clamp(min=1)).mean()
-            else:
-                visible_mse = visible_error.sum() / genes.sum().clamp(min=1)
-            total = total + self.config.visible_loss_weight * visible_mse
-            extra_metrics["visible_mse"] = visible_mse.detach()
-        classification = {}
-        if has_labels:
-            logits = inference_outputs["logits"]
-            labels = tensors["labels"].reshape(-1).to(device=logits.device, dtype=torch.long)
-            classification_loss = F.cross_entropy(logits, labels)
-            total = total + classification_weight * classification_loss
-            classification = {
-                "classification_loss": classification_loss,
-                "logits": logits,
-                "true_labels": labels,
-            }
-        return LossOutput(
-            loss=total,
-            reconstruction_loss=reconstruction_loss,
-            n_obs_minibatch=batch_size,
-            extra_metrics=extra_metrics,
-            **classification,
+        return objective(
+            tensors,
+            inference_outputs,
+            generative_outputs,
+            classifier=self.classifier,
+            visible_loss_weight=self.config.visible_loss_weight,
+            classification_weight=classification_weight,
+            cell_mean=cell_mean,
         )
 
     @torch.inference_mode()
