@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from anndata import AnnData
 
 from scxtrimo._version import __version__
@@ -120,3 +122,28 @@ def start_tool(
     """
     adata = copied_if(adata, copy)
     return adata, target_of(adata, mod), resolve_model(model, device=device)
+
+
+def gene_columns(
+    target: AnnData, col_to_vocab: np.ndarray, genes: Sequence[str] | str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of the requested ``genes`` (``var_names``; ``None``: every mapped gene).
+
+    Returns the sorted columns that map to the vocabulary and those that do not.
+
+    Raises
+    ------
+    KeyError
+        If a requested gene is not in ``var_names``.
+    """
+    if genes is None:
+        return np.flatnonzero(col_to_vocab >= 0), np.empty(0, dtype=np.int64)
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    missing = [g for g in genes if g not in target.var_names]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} of the requested genes are not in var_names, e.g. {missing[:5]}."
+        )
+    cols = np.unique(target.var_names.get_indexer(genes))
+    mapped = col_to_vocab[cols] >= 0
+    return cols[mapped], cols[~mapped]

@@ -9,31 +9,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from ._common import record, setup_overrides, start_tool
+from ._common import gene_columns, record, setup_overrides, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
 
     from scxtrimo.model import XTrimoGene
-
-
-def _selected_columns(
-    target: AnnData, col_to_vocab: np.ndarray, genes: Sequence[str] | None
-) -> tuple[np.ndarray, list[str]]:
-    """Columns to fill (mapped to the vocabulary) and the requested genes that cannot be."""
-    if genes is None:
-        return np.flatnonzero(col_to_vocab >= 0), []
-    if isinstance(genes, str):
-        genes = [genes]
-    names = target.var_names
-    missing = [g for g in genes if g not in names]
-    if missing:
-        raise KeyError(
-            f"{len(missing)} of the requested genes are not in var_names, e.g. {missing[:5]}."
-        )
-    cols = np.unique(names.get_indexer(list(genes)))
-    outside = [str(names[c]) for c in cols if col_to_vocab[c] < 0]
-    return cols[col_to_vocab[cols] >= 0], outside
 
 
 def enhance(
@@ -129,7 +110,8 @@ def enhance(
     adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
     # Validate everything (genes, cells) before the long decoder run.
     prep = net.prepare_input(target, target_depth=target_depth, invalid=invalid_cells, **overrides)
-    cols, outside = _selected_columns(target, prep.mapping.col_to_vocab, genes)
+    cols, unmapped = gene_columns(target, prep.mapping.col_to_vocab, genes)
+    outside = [str(name) for name in target.var_names[unmapped]]
     from scxtrimo.data._vocabulary import load_vocabulary
 
     vocab = load_vocabulary()

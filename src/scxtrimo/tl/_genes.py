@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._common import record, setup_overrides, start_tool
+from ._common import gene_columns, record, setup_overrides, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -102,22 +102,13 @@ def _columns_for(
     target: AnnData, col_to_vocab: np.ndarray, genes: Sequence[str] | None
 ) -> np.ndarray:
     """Columns of ``genes`` (``var_names``) that map to the vocabulary, first of duplicates."""
-    if genes is None:
-        cols = np.flatnonzero(col_to_vocab >= 0)
-    else:
-        genes = [genes] if isinstance(genes, str) else list(genes)
-        missing = [g for g in genes if g not in target.var_names]
-        if missing:
-            raise KeyError(f"{len(missing)} genes are not in var_names, e.g. {missing[:5]}.")
-        cols = np.unique(target.var_names.get_indexer(genes))
-        outside = cols[col_to_vocab[cols] < 0]
-        if outside.size:
-            logger.warning(
-                "%d genes are not in the model vocabulary and are left out, e.g. %s.",
-                outside.size,
-                list(target.var_names[outside[:5]]),
-            )
-        cols = cols[col_to_vocab[cols] >= 0]
+    cols, outside = gene_columns(target, col_to_vocab, genes)
+    if outside.size:
+        logger.warning(
+            "%d genes are not in the model vocabulary and are left out, e.g. %s.",
+            outside.size,
+            list(target.var_names[outside[:5]]),
+        )
     # Several columns may map to one vocabulary gene: keep the first of each.
     _, first = np.unique(col_to_vocab[cols], return_index=True)
     return np.sort(cols[first])
