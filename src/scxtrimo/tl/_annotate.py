@@ -68,13 +68,7 @@ def predict_proba(
     max_genes = info.get("max_genes") if max_genes is None else max_genes
     prep = model.prepare_input(adata, max_genes=max_genes, invalid=invalid_cells, **setup_overrides)
     z = model._latent_from_prepared(
-        prep,
-        batch_size=batch_size,
-        pooling="all",
-        max_tokens=max_tokens,
-        device=device,
-        autocast=None,
-        progress_bar=progress_bar,
+        prep, batch_size=batch_size, max_tokens=max_tokens, device=device, progress_bar=progress_bar
     )
     head = model.module.classifier
     weight = head.weight.detach().double().cpu()  # float64: heads fitted on standardised

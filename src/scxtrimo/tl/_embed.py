@@ -121,7 +121,6 @@ def embed(
         pooling=pooling,
         max_tokens=max_tokens,
         device=device,
-        autocast=None,
         progress_bar=progress_bar,
     )
     target.obsm[key_added] = emb

@@ -137,10 +137,7 @@ def _embeddings(
             net._latent_from_prepared(
                 prep,
                 batch_size=embed_kwargs.get("batch_size"),
-                pooling="all",
-                max_tokens=16_384,
                 device=embed_kwargs.get("device"),
-                autocast=None,
                 progress_bar=embed_kwargs.get("progress_bar"),
             )
         )

@@ -372,11 +372,6 @@ def run_finetuning(
         # compute them once (length-bucketed inference) and train the head on them.
         z = model._latent_from_prepared(
             dataclasses.replace(prep, cells=cells),
-            batch_size=None,
-            pooling="all",
-            max_tokens=16_384,
-            device=None,
-            autocast=None,
             progress_bar=trainer_kwargs.get("enable_progress_bar", settings.progress_bar),
         )
         # Train in standardised coordinates (like StandardScaler + logistic regression), so
