@@ -351,7 +351,7 @@ def run_finetuning(
     from scxtrimo._settings import settings
 
     from ._datamodule import PretrainingDataModule
-    from ._pretrain import trainer_defaults
+    from ._pretrain import fit, trainer_defaults
 
     module = model.module
     if module.classifier is None or not model.classifier_:
@@ -425,16 +425,15 @@ def run_finetuning(
     torch.manual_seed(seed)
     module.train()
     try:
-        runner = model._train_runner_cls(
+        out = fit(
             model,
-            training_plan=plan,
-            data_splitter=datamodule,
+            plan,
+            datamodule,
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
-            **trainer_kwargs,
+            trainer_kwargs=trainer_kwargs,
         )
-        out = runner()
     except BaseException:
         model.is_trained_ = was_trained
         raise
@@ -444,8 +443,6 @@ def run_finetuning(
         for name, param in module.named_parameters():
             param.requires_grad_(saved_flags[name])
         module.eval()
-    if model.history_:
-        model.history_ = {k: v.astype(float) for k, v in model.history_.items()}
     model.classifier_ = {
         **model.classifier_,
         "trained": True,
