@@ -321,20 +321,6 @@ def latent_from_prepared(
     return out
 
 
-def _encode_batch(
-    module: XTrimoGeneModule,
-    tokens: dict[str, np.ndarray],
-    device: torch.device,
-    pooling: str,
-    use_autocast: bool,
-) -> torch.Tensor:
-    batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-        h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-        z = module.pool(h, batch["padding_mask"], pooling)
-    return z.float()
-
-
 def encode_pooled(
     module: XTrimoGeneModule,
     tokens: dict[str, np.ndarray],
@@ -348,7 +334,11 @@ def encode_pooled(
     :func:`latent_from_prepared` and the chunks of ``tl.embed_to_store`` embed through here.
     """
     try:
-        return _encode_batch(module, tokens, device, pooling, use_autocast)
+        batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+            z = module.pool(h, batch["padding_mask"], pooling)
+        return z.float()
     except (RuntimeError, torch.OutOfMemoryError) as err:
         n = tokens["gene_index"].shape[0]
         if not is_oom(err) or n == 1:

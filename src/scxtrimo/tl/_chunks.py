@@ -13,7 +13,6 @@ from scxtrimo.data._loading import iter_inference_batches
 from scxtrimo.data._sources import ConcatSource, RowSource
 from scxtrimo.data._tokens import InputSpec, TokenIndex
 from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
-from scxtrimo.model._inference import encode_pooled
 
 from ._store import leaf_sources
 
@@ -101,6 +100,8 @@ class _Engine:
         cells = np.setdiff1d(np.arange(n), bad) if bad.size else np.arange(n)
         out = torch.full((n, self.width), float("nan"), dtype=torch.float32, device=device)
         if cells.size:
+            from scxtrimo.model._inference import encode_pooled  # here: model/ loads scvi-tools
+
             module = self.module.to(device).eval()
             use_autocast = device.type == "cuda" and (self.autocast is None or self.autocast)
             batches = iter_inference_batches(

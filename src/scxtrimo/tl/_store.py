@@ -31,7 +31,6 @@ import pandas as pd
 import torch
 
 from scxtrimo.data._sources import ConcatSource, RowSource, _fingerprint_of
-from scxtrimo.model._io import atomic_write
 
 if TYPE_CHECKING:
     from scxtrimo.model import XTrimoGene
@@ -93,6 +92,8 @@ def input_fingerprint(source: RowSource) -> dict:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    from scxtrimo.model._io import atomic_write  # here: importing model/ loads scvi-tools
+
     atomic_write(path, lambda f: f.write(text.encode()), sync=True)
 
 
