@@ -5,13 +5,13 @@ Nothing in this namespace imports Lightning or scvi-tools.
 
 from ._loading import InferenceBatch, iter_inference_batches, plan_batches
 from ._matrix import get_matrix, iter_row_chunks
+from ._soma import SomaSource
 from ._sources import (
     AnnDataFileSource,
     AnnDataSource,
     ConcatSource,
     H5adSource,
     RowSource,
-    SomaSource,
     ZarrSource,
     open_source,
 )
