@@ -164,6 +164,8 @@ class XTrimoGeneModule(BaseModuleClass):
         return torch.cat([h[:, 1], h[:, 0], gene_max, gene_mean], dim=-1)
 
     # -- decoder ----------------------------------------------------------------------------------
+    # Each decoder method names its tensors in its signature, as torch modules do; the calls pass
+    # the masked ones on as one tuple (docs/architecture.md, "Kept twice, and why").
     def _decoder_rows(
         self,
         h: torch.Tensor,

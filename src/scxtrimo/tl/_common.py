@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
     from scxtrimo.model import XTrimoGene
 
-# How a tool may read an AnnData differently from how the model was set up.
+# How a tool may read an AnnData differently from how the model was set up. Each tool spells
+# these out in its signature and docs, scanpy's style (docs/architecture.md, "Kept twice").
 SETUP_KEYS = ("layer", "gene_symbols_key", "gene_ids_key", "input_type", "total_counts_key")
 
 
