@@ -376,8 +376,20 @@ def _drop_missing_optional_pages(app, docname: str, source: list[str]) -> None:
             source[0] = source[0].replace(f"\n{page}\n", "\n")
 
 
+def _public_bases(app, name: str, obj: object, options: dict, bases: list) -> None:
+    """Show a class's bases without scxtrimo's mixins (the model's methods are its own)."""
+    bases[:] = [
+        b
+        for b in bases
+        if not (
+            getattr(b, "__module__", "").startswith("scxtrimo.") and b.__name__.endswith("Mixin")
+        )
+    ]
+
+
 def setup(app) -> None:
     logging.getLogger("sphinx.sphinx.ext.intersphinx._load").addFilter(_InventoryUnreachable())
     app.connect("builder-inited", _check_api_is_complete)
     app.connect("missing-reference", _resolve_private_path)
     app.connect("source-read", _drop_missing_optional_pages)
+    app.connect("autodoc-process-bases", _public_bases)
