@@ -5,8 +5,8 @@ returns the raw counts of some rows as CSR (:class:`RowSource`). The implementat
 ``.h5ad`` files (backed, through h5py), AnnData ``.zarr`` stores, TileDB-SOMA experiments (a
 local path or a URI, optionally filtered on ``obs``; in ``data/_soma``) and in-memory AnnData
 objects; a :class:`ConcatSource` reads several sources (e.g. ``.h5ad`` shards with different
-gene sets) as one stream of rows. Sources hold no open file handle when pickled, so they can be sent to other
-processes (``ddp_spawn``, DataLoader workers) and reopen their files there.
+gene sets) as one stream of rows. Sources hold no open file handle when pickled, so they can be
+sent to other processes (``ddp_spawn``, DataLoader workers) and reopen their files there.
 
 Memory: ``obs`` and ``var`` are held in memory (one row per cell / gene); the matrix never is.
 """
