@@ -147,7 +147,7 @@ class TrainingMixin:
             Passes over the training cells (``max_steps=`` in ``trainer_kwargs`` caps steps).
         corpus
             Studies to pretrain on: AnnData objects (in memory, backed or views) or ``.h5ad``
-            paths (read backed), each with raw counts and its own genes. ``None``: the
+            paths, SOMA experiments, ``.zarr`` stores, row sources (raw counts). ``None``: the
             registered AnnData. Every study is checked before training starts; an error names
             the study.
         batch_size

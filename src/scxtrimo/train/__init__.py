@@ -12,6 +12,7 @@ from ._finetune import (
 from ._gene_bias import expected_masked_values
 from ._plan import XTrimoGeneTrainingPlan
 from ._pretrain import build_corpus
+from ._source_corpus import part_from_source
 
 __all__ = [
     "CorpusPart",
@@ -27,4 +28,5 @@ __all__ = [
     "finetune_plan",
     "freeze_for_finetuning",
     "info_nce",
+    "part_from_source",
 ]

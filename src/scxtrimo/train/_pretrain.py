@@ -15,6 +15,7 @@ from scxtrimo.data._tokens import MaskingSpec, TokenIndex
 from ._corpus import CorpusPart, PretrainingCorpus
 from ._datamodule import PretrainingDataModule, PretrainingDataset
 from ._gene_bias import expected_masked_values
+from ._source_corpus import as_row_source, parts_from_source
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -88,7 +89,7 @@ def fit(
 def _source_name(source: Any, position: int) -> str:
     if isinstance(source, str | os.PathLike):
         return str(source)
-    return f"corpus entry #{position} ({type(source).__name__})"
+    return f"corpus entry #{position} ({getattr(source, 'name', None) or type(source).__name__})"
 
 
 def _open_source(source: Any, name: str) -> AnnData:
@@ -107,8 +108,8 @@ def _open_source(source: Any, name: str) -> AnnData:
                 f"Pretraining corpus file {name} is not a readable h5ad: {err}"
             ) from err
     raise TypeError(
-        f"{name}: a pretraining corpus holds AnnData objects or .h5ad paths, not "
-        f"{type(source).__name__}."
+        f"{name}: a pretraining corpus holds AnnData objects, .h5ad or .zarr paths, TileDB-SOMA "
+        f"experiments or row sources (scxtrimo.data.open_source), not {type(source).__name__}."
     )
 
 
@@ -127,8 +128,14 @@ def build_corpus(
         The :class:`~scxtrimo.model.XTrimoGene` to train (its set-up arguments say how to read
         the studies; its vocabulary maps their genes).
     sources
-        AnnData objects (in memory or backed; views of held-out splits are fine) or ``.h5ad``
-        paths (read backed), each with its own gene set and raw counts.
+        Each with its own gene set and raw counts: AnnData objects (in memory or backed; views
+        of held-out splits are fine), ``.h5ad`` paths (read backed), or inputs streamed in row
+        chunks (:func:`~scxtrimo.train.part_from_source`): a row source
+        (:class:`~scxtrimo.data.SomaSource` with its ``obs_value_filter``,
+        :class:`~scxtrimo.data.ZarrSource`, :class:`~scxtrimo.data.H5adSource`,
+        :class:`~scxtrimo.data.ConcatSource`...), the path or URI of a TileDB-SOMA experiment,
+        an AnnData ``.zarr`` store, or a list of such inputs (shards: one study if they share
+        their genes, else one study each).
     max_genes
         Gene-token cap of the run (``None``: all).
     invalid_cells
@@ -136,6 +143,8 @@ def build_corpus(
 
     Raises
     ------
+    FileNotFoundError
+        Naming the entry: a path that does not exist, or no SOMA experiment at a URI.
     ValueError
         Naming the study: an empty study, no gene in the vocabulary, non-count values, or no
         valid cell. Nothing the user passed is changed.
@@ -152,6 +161,11 @@ def build_corpus(
     parts = []
     for position, source in enumerate(sources):
         name = _source_name(source, position)
+        row_source = as_row_source(source, name, layer=model.setup_args.get("layer"))
+        if row_source is not None:  # SOMA, .zarr, shards, row sources: streamed in row chunks
+            kw = {"max_genes": max_genes, "invalid_cells": invalid_cells}
+            parts.extend(parts_from_source(model, row_source, name, **kw))
+            continue
         adata = _open_source(source, name)
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(
