@@ -1,7 +1,7 @@
 """Pretraining from row sources (TileDB-SOMA written offline from real cells, .zarr, shards).
 
 A study read from a source is streamed in row chunks (statistics, gene bias, batches) and must
-train exactly as the same cells in memory.
+train exactly as the same cells in memory; checkpoints taken mid-epoch resume at the next batch.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from scxtrimo.data import ConcatSource, H5adSource, MaskingSpec, SomaSource, TokenIndex
 from scxtrimo.model import XTrimoGene
@@ -149,6 +150,27 @@ def test_soma_training_gives_the_same_weights_as_anndata(soma, pbmc):
     assert _max_diff(runs["soma"], runs["anndata"]) <= 1e-6
 
 
+def test_dataloader_workers_read_soma_and_zarr(soma, pbmc, tmp_path):
+    # Forked workers would hang in TileDB; SOMA studies get spawned workers (zarr: forked).
+    uri, _ = soma
+    pbmc.write_zarr(tmp_path / "p.zarr")
+    runs = {}
+    zarr = str(tmp_path / "p.zarr")
+    for name, entry, workers in (("main", uri, 0), ("soma", uri, 1), ("zarr", zarr, 1)):
+        model = _model(pbmc)
+        model.train(
+            corpus=[entry],
+            max_steps=2,
+            devices=1,
+            num_workers=workers,
+            enable_checkpointing=False,
+            **TRAIN,
+        )
+        runs[name] = _weights(model)
+    assert _max_diff(runs["soma"], runs["main"]) <= 1e-6
+    assert _max_diff(runs["zarr"], runs["main"]) <= 1e-6
+
+
 def test_bad_entries_raise_before_training(soma, pbmc, tmp_path):
     uri, _ = soma
     model = _model(pbmc)
@@ -179,6 +201,34 @@ def test_bad_entries_raise_before_training(soma, pbmc, tmp_path):
         model.train(corpus=[str(tmp_path / "scaled.zarr")], max_steps=1, **TRAIN)
     assert not model.is_trained_
     assert _max_diff(before, _weights(model)) == 0
+
+
+def test_mid_epoch_checkpoint_resumes_at_the_next_batch(soma, pbmc, tmp_path, monkeypatch):
+    import scvi
+
+    # scvi-tools adds its own checkpoint callback, writing below its logging_dir.
+    monkeypatch.setattr(scvi.settings, "logging_dir", tmp_path / "scvi_log")
+    uri, _ = soma
+    run = {**TRAIN, "train_size": 1.0, "max_steps": 4, "devices": 1, "corpus": [uri]}
+    # 120 cells, 8 per batch: 15 batches per epoch, so step 2 is mid-epoch.
+    uninterrupted = _model(pbmc)
+    uninterrupted.train(enable_checkpointing=False, **run)
+    expected = _weights(uninterrupted)
+
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1
+    )
+    checkpointed = _model(pbmc)
+    checkpointed.train(enable_checkpointing=True, callbacks=[ckpt], **run)
+    assert (tmp_path / "ckpt" / "step=2.ckpt").exists()
+    assert _max_diff(_weights(checkpointed), expected) <= 1e-6
+
+    resumed = _model(pbmc)
+    resumed.train(
+        enable_checkpointing=False, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"), **run
+    )
+    assert resumed.trainer.global_step == 4
+    assert _max_diff(_weights(resumed), expected) <= 1e-6
 
 
 def test_two_processes_on_a_soma_corpus_take_the_same_steps_as_one(soma, pbmc, tmp_path):

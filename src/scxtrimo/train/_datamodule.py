@@ -15,6 +15,8 @@ from scxtrimo.data._matrix import as_row_accessible, is_backed_sparse
 from scxtrimo.data._tokens import MaskingSpec, TokenIndex, pretraining_batch, row_seeds
 
 from ._corpus import PretrainingCorpus
+from ._resume import ResumableDataLoader, ResumableTrainLoader
+from ._source_corpus import worker_start_method
 
 
 class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
@@ -57,6 +59,7 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
         self.drop_last = drop_last
         self.follow_epoch = follow_epoch
         self.epoch = 0
+        self.skip = 0  # batches of the next epoch not to yield (set when resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch (also when resuming)."""
@@ -98,7 +101,8 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
         return batches
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        for batch in self._batches():
+        skip, self.skip = self.skip, 0
+        for batch in self._batches()[skip:]:
             yield self.epoch, batch
 
     def __len__(self) -> int:
@@ -217,7 +221,7 @@ class PretrainingDataset(Dataset):
         return out
 
 
-class PretrainingDataModule(pl.LightningDataModule):
+class PretrainingDataModule(ResumableTrainLoader, pl.LightningDataModule):
     """Train/validation split of the cells and their pretraining loaders.
 
     Parameters
@@ -303,18 +307,20 @@ class PretrainingDataModule(pl.LightningDataModule):
             follow_epoch=shuffle,
             drop_last=self.drop_last and shuffle,
         )
-        return DataLoader(
+        loader = ResumableDataLoader if shuffle else DataLoader  # resumes mid-epoch
+        return loader(
             self.dataset,
             sampler=sampler,
             batch_size=None,  # the sampler yields whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=worker_start_method(self.dataset, self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, length-bucketed training batches."""
-        return self._loader(self.train_idx, shuffle=True)
+        return self.resumable(self._loader(self.train_idx, shuffle=True))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (fixed masks per epoch); empty when there is no validation set."""

@@ -319,3 +319,22 @@ def as_row_source(entry: Any, name: str, *, layer: str | None = None) -> Any | N
         return open_source(entry, layer=layer)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         raise _wrap(err, name) from err
+
+
+def worker_start_method(dataset: Any, num_workers: int) -> str | None:
+    """``"spawn"`` for DataLoader workers of a study read from TileDB-SOMA, else ``None``.
+
+    ``None`` keeps PyTorch's default (fork on Linux), and is the only choice without workers.
+
+    TileDB's thread pools do not survive ``fork``: a forked DataLoader worker that opens a SOMA
+    experiment hangs. Spawned workers start clean and reopen the experiment (the adapter is
+    picklable); ``.h5ad`` and ``.zarr`` sources work in forked workers.
+    """
+    if num_workers <= 0:
+        return None
+    for matrix in getattr(dataset, "matrices", []):
+        if isinstance(matrix, SourceRows) and any(
+            getattr(leaf, "kind", None) == "soma" for leaf in matrix._leaves
+        ):
+            return "spawn"
+    return None
