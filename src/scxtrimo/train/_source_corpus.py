@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from scxtrimo.data._sources import RowSource
 from scxtrimo.data._validation import invalid_cells as find_invalid_cells
 from scxtrimo.data._validation import invalid_cells_message, scan_cells
 from scxtrimo.data._vocabulary import load_vocabulary, log_overlap, map_genes
@@ -51,7 +52,7 @@ class SourceRows:
         :class:`~scxtrimo.data.AnnDataSource`, :class:`~scxtrimo.data.ConcatSource`...).
     """
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: RowSource) -> None:
         self.source = source
         self.name = str(source.name)
         self._leaves = _leaves(source)
@@ -136,7 +137,7 @@ def same_genes(sources: list[Any]) -> bool:
 
 def part_from_source(
     model: Any,
-    source: Any,
+    source: RowSource,
     name: str,
     *,
     max_genes: int | None,
@@ -160,8 +161,8 @@ def part_from_source(
         A :class:`~scxtrimo.data.RowSource`: e.g. :class:`~scxtrimo.data.SomaSource` (with its
         ``obs_value_filter``), :class:`~scxtrimo.data.ZarrSource`,
         :class:`~scxtrimo.data.H5adSource`, or a :class:`~scxtrimo.data.ConcatSource` whose
-        sources all have the same ``var``. Not read itself and not changed (see
-        :class:`SourceRows`).
+        sources all have the same ``var``. Not changed: every process reads a copy of it made
+        without its open handles.
     name
         What the user passed, for messages.
     max_genes
@@ -174,7 +175,7 @@ def part_from_source(
 
     Returns
     -------
-    The study, whose ``matrix`` is a :class:`SourceRows` over ``source``.
+    The study, whose ``matrix`` is a ``SourceRows`` over ``source``.
 
     Raises
     ------
@@ -245,7 +246,7 @@ def part_from_source(
 
 def parts_from_source(
     model: Any,
-    source: Any,
+    source: RowSource,
     name: str,
     *,
     max_genes: int | None,
@@ -274,7 +275,7 @@ def _wrap(err: Exception, name: str) -> Exception:
     return kind(f"Pretraining corpus entry {name}: {message}")
 
 
-def as_row_source(entry: Any, name: str, *, layer: str | None = None) -> Any | None:
+def as_row_source(entry: Any, name: str, *, layer: str | None = None) -> RowSource | None:
     """The row source a corpus entry is read through, or ``None`` for AnnData and ``.h5ad`` files.
 
     Row sources are returned as they are; an opened ``tiledbsoma.Experiment``, the path or URI
@@ -293,7 +294,7 @@ def as_row_source(entry: Any, name: str, *, layer: str | None = None) -> Any | N
     """
     from anndata import AnnData
 
-    from scxtrimo.data import RowSource, open_source
+    from scxtrimo.data import open_source
 
     if isinstance(entry, AnnData):
         return None
