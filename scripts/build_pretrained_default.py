@@ -58,6 +58,7 @@ class SaveEvery:
         class _Save(Callback):
             def on_train_batch_end(self, trainer, *args, **kwargs):
                 step = trainer.global_step
+                STEPS_DONE[0] = step  # the wall-time guard may stop before --steps
                 if every > 0 and step % every == 0 and trainer.is_global_zero:
                     model.module.eval()
                     model.is_trained_ = True
@@ -71,6 +72,7 @@ class SaveEvery:
 
 
 START = time.time()
+STEPS_DONE = [0]
 
 
 def main() -> None:
@@ -145,11 +147,15 @@ def main() -> None:
     model.save(args.out / "final", overwrite=True)
     wall = time.time() - START
     (args.out / "wall_time.json").write_text(
-        json.dumps({"wall_s": wall, "steps": args.steps, "args": vars(args)}, default=str)
+        json.dumps({"wall_s": wall, "steps_done": STEPS_DONE[0], "args": vars(args)}, default=str)
     )
-    print(f"wall time {wall / 60:.1f} min; saved {args.out / 'final'}", flush=True)
+    print(
+        f"wall time {wall / 60:.1f} min, {STEPS_DONE[0]} of {args.steps} steps; "
+        f"saved {args.out / 'final'}",
+        flush=True,
+    )
     if args.ship:
-        package(args.out / "final", args.notes or f"{args.steps} steps, {wall / 60:.0f} min")
+        package(args.out / "final", args.notes or f"{STEPS_DONE[0]} steps, {wall / 60:.0f} min")
 
 
 if __name__ == "__main__":
