@@ -14,6 +14,7 @@ into training. All four files of ``shared/data`` are used:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import anndata as ad
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("SCXTRIMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PBMC4K = "pbmc4k_soupx_2170.h5ad"
 KANG12K = "kang2018_pbmc_12k_1287genes.h5ad"
 CELLBENCH = "cellbench_tian2019_lung_celllines.h5ad"

@@ -249,3 +249,8 @@ def _with_values(adata: ad.AnnData, offset: float) -> ad.AnnData:
     X.data = X.data + offset
     out.X = X
     return out
+
+
+def test_corpus_with_finetune_is_refused(model, two_studies):
+    with pytest.raises(ValueError, match="corpus= is for pretraining"):
+        model.train(corpus=list(two_studies), finetune="head", max_epochs=1)

@@ -202,7 +202,7 @@ class TrainingMixin:
             encoder. Frozen parts run without dropout; the decoder is never changed. The
             history then holds ``train_loss``/``validation_loss`` (cross-entropy) and
             ``train_accuracy``/``validation_accuracy``; predict with
-            :func:`scxtrimo.tl.annotate`. ``masking`` and ``corpus`` are ignored.
+            :func:`scxtrimo.tl.annotate`. ``masking`` is ignored; ``corpus`` is refused.
         n_last_layers
             Encoder layers trained with ``finetune="last_layers"``.
         **trainer_kwargs
@@ -235,6 +235,12 @@ class TrainingMixin:
         }
         if finetune is not None:
             from scxtrimo.train._finetune import run_finetuning
+
+            if corpus is not None:
+                raise ValueError(
+                    "corpus= is for pretraining; fine-tuning trains on the registered, labelled "
+                    "AnnData (model.add_classifier(adata, labels_key=...)). Drop corpus=."
+                )
 
             if strategy is not None:
                 trainer_kwargs["strategy"] = strategy
