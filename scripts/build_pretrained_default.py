@@ -14,7 +14,8 @@ for it is measured after rounding).
 
 Ablations (same budget, one switch each): ``--no-depth-pairs`` (no down-sampling, so no
 shallow/deep pairs), ``--no-contrastive`` (masked regression only), ``--one-study`` (pbmc4k
-only). ``--package MODEL_DIR`` packages an existing saved model without training.
+only); ``--max-cells-per-study N`` caps every study's training cells (a balanced
+corpus). ``--package MODEL_DIR`` packages an existing saved model without training.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,9 @@ def main() -> None:
     parser.add_argument("--no-depth-pairs", action="store_true")
     parser.add_argument("--no-contrastive", action="store_true")
     parser.add_argument("--one-study", action="store_true")
+    parser.add_argument(
+        "--max-cells-per-study", type=int, default=None, help="cap each study (balance)"
+    )
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--package", type=Path, default=None, help="package MODEL_DIR only")
     parser.add_argument("--notes", default="")
@@ -110,6 +115,14 @@ def main() -> None:
     splits = splits_mod.all_splits(args.data)
     studies = ("pbmc4k",) if args.one_study else None
     corpus = splits_mod.training_corpus(splits, studies)
+    if args.max_cells_per_study:  # balance the studies: cap each one's training cells (seeded)
+        rng = np.random.default_rng(args.seed)
+        corpus = [
+            a[np.sort(rng.choice(a.n_obs, args.max_cells_per_study, replace=False))]
+            if a.n_obs > args.max_cells_per_study
+            else a
+            for a in corpus
+        ]
     down = 0.0 if args.no_depth_pairs else None
     masking = MaskingSpec(zero_prob=0.01, **({} if down is None else {"downsample_prob": down}))
     view_masking = MaskingSpec(zero_prob=0.01, downsample_prob=1.0 if down is None else down)
