@@ -244,17 +244,17 @@ def write(results: dict, out: Path) -> None:
     """JSON and a markdown table (every number beside the PCA baseline of the same run)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "default_model.json").write_text(json.dumps(results, indent=1, default=str))
-    lines = ["# Default model: held-out evaluation", ""]
-    lines += [
+    lines = [
         "Classifier fitted on the training part's embeddings, scored on the held-out part "
         "(macro-F1). Ratios: kNN macro-F1 / PCA's kNN macro-F1 (target >= 0.95) and "
         "transfer_labels macro-F1 / PCA + logistic regression macro-F1 (target >= 0.9). "
-        "Command: `python benchmarks/evaluate_default_model.py` (see its docstring).",
+        "Command: `python benchmarks/evaluate_default_model.py` (see its docstring); "
+        f"{results.get('wall_s', 0) / 60:.1f} min on {results.get('threads', '?')} CPU threads.",
         "",
     ]
     for task, block in results["tasks"].items():
         lines += [
-            f"## {task} ({block['n_reference']} reference -> {block['n_query']} held-out cells)",
+            f"### {task} ({block['n_reference']} reference -> {block['n_query']} held-out cells)",
             "",
             "| embedding | kNN macro-F1 | kNN / PCA kNN | logistic regression "
             "| transfer_labels | transfer / PCA+LR |",
@@ -269,7 +269,7 @@ def write(results: dict, out: Path) -> None:
             )
         lines.append("")
     lines += [
-        "## What the embedding encodes (pbmc4k held-out cells)",
+        "### Diagnosis: what the embedding encodes (pbmc4k held-out cells)",
         "",
         "|Pearson r| of the first three principal components of each part of the pooled vector "
         "with log10 total counts / log10 genes per cell.",
