@@ -42,3 +42,18 @@ def tiny_model():
     from scxtrimo.model import XTrimoGene
 
     return XTrimoGene(None, config="tiny", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_master_port(monkeypatch):
+    """A free rendezvous port per test for the 2-process (gloo) runs.
+
+    Lightning keeps the first run's ``MASTER_PORT`` in ``os.environ``; a later test in the same
+    session would bind it again while the socket may still be in TIME_WAIT (EADDRINUSE).
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_PORT", str(port))
