@@ -15,7 +15,7 @@ from scxtrimo.data._matrix import as_row_accessible, is_backed_sparse
 from scxtrimo.data._tokens import MaskingSpec, TokenIndex, pretraining_batch, row_seeds
 
 from ._corpus import PretrainingCorpus
-from ._resume import ResumableDataLoader, ResumableTrainLoader
+from ._resume import ResumableDataLoader, ResumableTrainLoaderMixin
 from ._source_corpus import worker_start_method
 
 
@@ -221,7 +221,7 @@ class PretrainingDataset(Dataset):
         return out
 
 
-class PretrainingDataModule(ResumableTrainLoader, pl.LightningDataModule):
+class PretrainingDataModule(ResumableTrainLoaderMixin, pl.LightningDataModule):
     """Train/validation split of the cells and their pretraining loaders.
 
     Parameters

@@ -53,7 +53,7 @@ class ResumableDataLoader(DataLoader):
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
-class ResumableTrainLoader:
+class ResumableTrainLoaderMixin:
     """Mixin of a ``LightningDataModule``: its checkpoint state is where the training loader is.
 
     Lightning restores a data module's ``state_dict`` before it asks for the training loader
