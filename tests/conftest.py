@@ -57,3 +57,14 @@ def _fresh_master_port(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_PORT", str(port))
+
+
+@pytest.fixture
+def soma(pbmc, tmp_path):
+    """The PBMC fixture written as a TileDB-SOMA experiment (offline): ``(uri, h5ad path)``."""
+    tiledbsoma_io = pytest.importorskip("tiledbsoma.io")
+    path = tmp_path / "in.h5ad"
+    pbmc.write_h5ad(path)
+    uri = str(tmp_path / "pbmc.soma")
+    tiledbsoma_io.from_h5ad(uri, str(path), measurement_name="RNA")
+    return uri, path

@@ -12,15 +12,6 @@ tiledbsoma = pytest.importorskip("tiledbsoma")
 pytest.importorskip("tiledbsoma.io")
 
 
-@pytest.fixture
-def soma(pbmc, tmp_path):
-    path = tmp_path / "in.h5ad"
-    pbmc.write_h5ad(path)
-    uri = str(tmp_path / "pbmc.soma")
-    tiledbsoma.io.from_h5ad(uri, str(path), measurement_name="RNA")
-    return uri, path
-
-
 def test_soma_source_reads_the_h5ad_rows(soma, pbmc):
     uri, _ = soma
     source = open_source(uri)

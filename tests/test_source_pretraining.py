@@ -33,15 +33,6 @@ TRAIN = {
 }
 
 
-@pytest.fixture
-def soma(pbmc, tmp_path):
-    path = tmp_path / "in.h5ad"
-    pbmc.write_h5ad(path)
-    uri = str(tmp_path / "pbmc.soma")
-    tiledbsoma.io.from_h5ad(uri, str(path), measurement_name="RNA")
-    return uri, path
-
-
 def _model(adata):
     adata = adata.copy()
     XTrimoGene.setup_anndata(adata)
