@@ -1,5 +1,6 @@
 """The command line, run in-process through its entry point."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scxtrimo._cli import main
+from scxtrimo._cli import build_parser, main
 
 
 @pytest.fixture
@@ -86,3 +87,41 @@ def test_module_entry_point_help():
         check=True,
     )
     assert "PBMC" in out.stdout
+
+
+def _subcommand_parsers():
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"scxtrimo": parser, **sub.choices}
+
+
+def test_every_option_has_help():
+    undocumented = [
+        f"{name} {action.option_strings[0]}"
+        for name, parser in _subcommand_parsers().items()
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("embed", "(default: 16384)"),  # --max-tokens
+        ("embed", "(default: all)"),  # --pooling
+        ("pretrain", "(default: 0.001)"),  # --lr
+        ("pretrain", "(default: small)"),  # --config
+        ("pretrain", "(default: 10)"),  # --max-epochs
+        ("demo", "(default: scxtrimo_demo)"),  # --out
+    ],
+)
+def test_help_shows_defaults(command, shown):
+    text = " ".join(_subcommand_parsers()[command].format_help().split())
+    assert shown in text
+
+
+def test_help_hides_unset_defaults():
+    text = _subcommand_parsers()["embed"].format_help()
+    assert "(default: None)" not in text
+    assert "(default: False)" not in text

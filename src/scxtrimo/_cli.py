@@ -22,6 +22,22 @@ def _max_genes(text: str) -> int | str:
     return "all" if text == "all" else _positive_int(text)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default, unless it is unset or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default is not None
+            and action.default is not False
+            and action.default != argparse.SUPPRESS
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``scxtrimo`` command."""
     from ._version import __version__
@@ -29,13 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scxtrimo",
         description="xTrimoGene / scFoundation single-cell foundation model for AnnData.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"scxtrimo {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub_args = {"formatter_class": _HelpFormatter}
 
     emb = sub.add_parser(
         "embed",
+        **sub_args,
         help="embed the cells of an .h5ad, .zarr, TileDB-SOMA experiment or .h5ad shards",
         description="Embed cells chunk by chunk (resumable). OUT *.h5ad: for one .h5ad input, "
         "a copy of the input + obsm[KEY] (+ uns['scxtrimo']), written at the end through a "
@@ -63,16 +82,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="saved XTrimoGene directory or scFoundation models.ckpt (default: shipped model)",
     )
-    emb.add_argument("--key-added", default="X_scxtrimo", help="obsm key (default X_scxtrimo)")
-    emb.add_argument("--layer", default=None, help="layer with raw counts (default X)")
+    emb.add_argument("--key-added", default="X_scxtrimo", help="obsm key of the embedding")
+    emb.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     emb.add_argument("--gene-symbols-key", default=None, help="var column with gene symbols")
     emb.add_argument("--gene-ids-key", default=None, help="var column with Ensembl IDs")
-    emb.add_argument("--input-type", choices=["counts", "log1p"], default=None)
+    emb.add_argument(
+        "--input-type",
+        choices=["counts", "log1p"],
+        default=None,
+        help="raw counts or log1p-normalised values (default: the model's setting, else "
+        "counts); bulk profiles are scaled to the median of the whole data set, which a "
+        "chunked run cannot know: use scxtrimo.tl.embed(adata, input_type='bulk')",
+    )
     emb.add_argument("--total-counts-key", default=None, help="obs column of total counts")
-    emb.add_argument("--pooling", choices=["all", "max", "mean"], default="all")
-    emb.add_argument("--target-depth", default=None, help="e.g. 4, t4, fold:2, add:1")
-    emb.add_argument("--batch-size", type=_positive_int, default=None)
-    emb.add_argument("--max-tokens", type=_positive_int, default=16_384)
+    emb.add_argument(
+        "--pooling",
+        choices=["all", "max", "mean"],
+        default="all",
+        help="cell embedding: all = [h(S), h(T), max, mean] (4 x encoder width, the official "
+        "one), or the max or mean over the gene tokens",
+    )
+    emb.add_argument(
+        "--target-depth",
+        default=None,
+        help="target read depth T: e.g. 4, t4, fold:2, add:1 (default: the model's)",
+    )
+    emb.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="cells per forward pass (default: as many as fit in --max-tokens)",
+    )
+    emb.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=16_384,
+        help="token budget of one forward pass (cells x gene tokens); lower it if memory is short",
+    )
     emb.add_argument(
         "--max-genes",
         type=_max_genes,
@@ -83,28 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=_positive_int,
         default=None,
-        help="cells per chunk, the unit of writing and resuming (default 4096)",
+        help="cells per chunk, the unit of writing and resuming (default: 4096)",
     )
     emb.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     emb.add_argument(
         "--devices",
         type=int,
         default=1,
-        help="processes/GPUs (Lightning DDP) for N > 1; -1: all GPUs (default 1)",
+        help="processes/GPUs (Lightning DDP) for N > 1; -1: all GPUs",
     )
     emb.add_argument("--accelerator", default="auto", help="auto, gpu or cpu (for --devices > 1)")
     emb.add_argument(
         "--strategy",
         default=None,
-        help="Lightning strategy (default ddp_spawn; ddp under torchrun)",
+        help="Lightning strategy for --devices > 1 (default: ddp_spawn; ddp under torchrun)",
     )
-    emb.add_argument("--num-nodes", type=_positive_int, default=1)
+    emb.add_argument("--num-nodes", type=_positive_int, default=1, help="machines (Lightning DDP)")
     emb.add_argument(
         "--skip-invalid-cells", action="store_true", help="NaN rows for cells with < 2 counts"
     )
-    emb.add_argument("--measurement", default="RNA", help="SOMA measurement (default RNA)")
-    emb.add_argument("--X-name", dest="x_name", default=None, help="SOMA X layer (raw, data)")
-    emb.add_argument("--obs-filter", default=None, help="SOMA obs value filter")
+    emb.add_argument("--measurement", default="RNA", help="SOMA measurement")
+    emb.add_argument(
+        "--X-name", dest="x_name", default=None, help="SOMA X layer (default: raw, else data)"
+    )
+    emb.add_argument(
+        "--obs-filter", default=None, help="SOMA obs value filter, e.g. \"tissue == 'blood'\""
+    )
     emb.add_argument(
         "--no-copy-input",
         action="store_true",
@@ -116,50 +166,74 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser(
         "pretrain",
+        **sub_args,
         help="pretrain an xTrimoGene model on an .h5ad of raw counts",
         description="Masked-regression, read-depth-aware pretraining; saves MODEL_DIR.",
     )
     pre.add_argument("input", type=Path, help="input .h5ad with raw counts")
     pre.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
-    pre.add_argument("--config", default="small", help="tiny, small, base or scfoundation")
+    pre.add_argument(
+        "--config",
+        default="small",
+        choices=["tiny", "small", "base", "scfoundation"],
+        help="model size (ignored with --init)",
+    )
     pre.add_argument("--init", default=None, help="continue from a saved model directory")
-    pre.add_argument("--max-epochs", type=_positive_int, default=10)
-    pre.add_argument("--batch-size", type=_positive_int, default=32)
-    pre.add_argument("--lr", type=float, default=1e-3)
-    pre.add_argument("--max-genes", type=_positive_int, default=1024)
-    pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--layer", default=None)
-    pre.add_argument("--gene-symbols-key", default=None)
-    pre.add_argument("--gene-ids-key", default=None)
-    pre.add_argument("--accelerator", default="auto")
-    pre.add_argument("--devices", default="auto")
-    pre.add_argument("--precision", default=None, help="e.g. bf16-mixed on GPUs")
+    pre.add_argument("--max-epochs", type=_positive_int, default=10, help="passes over the cells")
+    pre.add_argument("--batch-size", type=_positive_int, default=32, help="cells per step")
+    pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    pre.add_argument(
+        "--max-genes",
+        type=_positive_int,
+        default=1024,
+        help="cap on expressed-gene tokens per cell (a random subset above it)",
+    )
+    pre.add_argument("--seed", type=int, default=0, help="random seed (weights, masking, order)")
+    pre.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
+    pre.add_argument("--gene-symbols-key", default=None, help="var column with gene symbols")
+    pre.add_argument("--gene-ids-key", default=None, help="var column with Ensembl IDs")
+    pre.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, gpu, cpu")
+    pre.add_argument("--devices", default="auto", help="Lightning devices: auto, N or -1 (all)")
+    pre.add_argument("--precision", default=None, help="e.g. bf16-mixed on GPUs (default: 32-bit)")
     pre.add_argument("--backed", action="store_true", help="read the input backed (large files)")
-    pre.add_argument("--overwrite", action="store_true")
+    pre.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
 
     demo = sub.add_parser(
         "demo",
+        **sub_args,
         help="embed real PBMCs end to end and report kNN cell-type accuracy",
         description="Runs offline on the PBMC dataset shipped with scxtrimo: gets a model "
         "(the shipped pretrained one, or pretrains a small one), embeds, writes "
         "OUT/pbmc4k_scxtrimo.h5ad and a UMAP PNG, and prints a report.",
     )
     demo.add_argument("--out", type=Path, default=Path("scxtrimo_demo"), help="output folder")
-    demo.add_argument("--model", default=None, help="model to use instead of the default")
+    demo.add_argument(
+        "--model", default=None, help="saved model directory or models.ckpt (default: shipped)"
+    )
     demo.add_argument(
         "--pretrain",
         action="store_true",
         help="pretrain a fresh model first (the shipped model's recipe, ~6 min on 2 CPU cores)",
     )
-    demo.add_argument("--config", default="small")
-    demo.add_argument("--max-epochs", type=_positive_int, default=8)
+    demo.add_argument(
+        "--config",
+        default="small",
+        choices=["tiny", "small", "base", "scfoundation"],
+        help="model size with --pretrain",
+    )
+    demo.add_argument(
+        "--max-epochs", type=_positive_int, default=8, help="pretraining epochs with --pretrain"
+    )
     demo.add_argument(
         "--max-genes", type=_positive_int, default=256, help="gene tokens per cell when pretraining"
     )
     demo.add_argument(
-        "--max-cells", type=_positive_int, default=None, help="subsample cells (quick runs)"
+        "--max-cells",
+        type=_positive_int,
+        default=None,
+        help="subsample cells for quick runs (default: all)",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
 
 
