@@ -5,7 +5,7 @@ Usage::
     python scripts/build_pretrained_default.py --out runs/default --ship
 
 trains the ``small`` configuration on the training parts of the four shared studies
-(``benchmarks/default_model_splits.py``: pbmc4k 90%, Kang 12k minus two donors, CellBench
+(``benchmarks/evaluation/default_model_splits.py``: pbmc4k 90%, Kang 12k minus two donors, CellBench
 CEL-seq2, Kang IFN-beta controls; every evaluation part is left out) with the default recipe:
 read-depth-aware masked regression plus the cell-level InfoNCE term between two views. Seeded;
 the wall time is printed. ``--ship`` then writes ``src/scxtrimo/_resources/pretrained/`` with
@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "src" / "scxtrimo" / "_resources" / "pretrained"
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "evaluation"))
 
 
 def package(model_dir: Path, notes: str = "") -> Path:

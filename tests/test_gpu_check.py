@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py runs its checks on the CPU (tiny config), so the GPU script cannot rot."""
+"""benchmarks/speed/gpu_check.py runs its checks on the CPU (tiny config), so the GPU script cannot rot."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")

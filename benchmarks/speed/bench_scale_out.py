@@ -1,7 +1,7 @@
 """Scale-out benchmarks: chunked embedding to zarr, SOMA streaming, 2 processes vs 1.
 
-    python benchmarks/bench_scale_out.py            # ~3-5 min on 2 busy CPU cores
-    python benchmarks/bench_scale_out.py --quick    # smaller sizes
+    python benchmarks/speed/bench_scale_out.py            # ~3-5 min on 2 busy CPU cores
+    python benchmarks/speed/bench_scale_out.py --quick    # smaller sizes
 
 Writes ``benchmarks/results/scale_out.json`` and ``scale_out.md``. Every measurement runs in a
 fresh process with one torch/numba thread (see docs/performance.md for why), on real PBMCs
@@ -46,7 +46,7 @@ from _common import (  # noqa: E402
     run_worker,
 )
 
-RESULTS = BENCH_DIR / "results"
+RESULTS = BENCH_DIR.parent / "results"
 RATE = 0.1
 
 
@@ -144,7 +144,7 @@ def processes(path: str, workdir: str, devices: int) -> dict[str, Any]:
 
     import scxtrimo
     from scxtrimo.model import XTrimoGene
-    from scxtrimo.tl._store import _Store
+    from scxtrimo.inference import EmbeddingStore as _Store
 
     scxtrimo.settings.progress_bar = False
     model = XTrimoGene(None, config="tiny", seed=0)
@@ -202,7 +202,7 @@ def gpu_estimates() -> dict[str, Any]:
 
     cfg = get_config("scfoundation")
     # Sustained bf16 dense matmul throughput assumed for a transformer of this width:
-    # 35% of the vendor's dense bf16 peak (a guess; measure with benchmarks/gpu_check.py).
+    # 35% of the vendor's dense bf16 peak (a guess; measure with benchmarks/speed/gpu_check.py).
     gpus = {"A100 (312 TFLOP/s bf16)": 312e12, "H100 SXM (989)": 989e12, "H200 (989)": 989e12}
     rows = []
     for tokens in (250, 1000, 3000):
@@ -355,7 +355,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         "",
         f"**Estimates, not measurements**: the 100M `scfoundation` encoder on GPUs, from its "
         f"analytical FLOPs at {r['gpu_estimates']['assumed_fraction_of_peak']:.0%} of the dense "
-        "bf16 peak (run `benchmarks/gpu_check.py` to measure):",
+        "bf16 peak (run `benchmarks/speed/gpu_check.py` to measure):",
         "",
     ]
     rows = r["gpu_estimates"]["rows"]

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/evaluate_annotation.py --model /tmp/small_pbmc --out benchmarks/results
+    python benchmarks/evaluation/evaluate_annotation.py --model runs/small_pbmc --out benchmarks/results
 
 Two real datasets, each with one train/test split shared by every method:
 
@@ -41,7 +41,7 @@ import default_model_splits as splits_mod
 import scxtrimo
 from _evaluation import load_model, log, machine, quiet, run_record, write_results
 from scxtrimo.model import XTrimoGene
-from scxtrimo.tl._evaluate import classification_scores, pca_fit_transform
+from scxtrimo.metrics import classification_scores, pca_fit_transform
 
 MODES = ("head", "last_layers", "full")
 
@@ -239,7 +239,7 @@ def main() -> None:
         adata, train, test, split = splits[name](args.n_train, args.n_test, args.seed)
         res = evaluate(name, adata, train, test, split, args.model, args, model_info)
         parts = [
-            "python benchmarks/evaluate_annotation.py",
+            "python benchmarks/evaluation/evaluate_annotation.py",
             f"--model {args.model}" if args.model else "",
             f"--datasets {name} --n-train {args.n_train} --n-test {args.n_test}",
             f"--modes {' '.join(args.modes)}" if args.modes != list(MODES) else "",

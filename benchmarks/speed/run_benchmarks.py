@@ -2,10 +2,10 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/run_benchmarks.py            # full run (about half an hour on 2 cores)
-    python benchmarks/run_benchmarks.py --quick    # a few minutes, smaller sizes
-    python benchmarks/run_benchmarks.py --sections a c   # only some sections (merged into the JSON)
-    python benchmarks/run_benchmarks.py --report-only    # redo tables and plots from the JSON
+    python benchmarks/speed/run_benchmarks.py            # full run (about half an hour on 2 cores)
+    python benchmarks/speed/run_benchmarks.py --quick    # a few minutes, smaller sizes
+    python benchmarks/speed/run_benchmarks.py --sections a c   # only some sections (merged into the JSON)
+    python benchmarks/speed/run_benchmarks.py --report-only    # redo tables and plots from the JSON
 
 Sections (each figure is a ratio against a baseline measured in the same run):
 
@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     parser.add_argument("--sections", nargs="+", choices=sorted(SECTIONS), default=sorted(SECTIONS))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     parser.add_argument("--threads", type=int, default=None, help="torch/numba threads")
     parser.add_argument("--tmpdir", default=None, help="where section d writes its .h5ad files")
     parser.add_argument("--report-only", action="store_true", help="redo tables and plots")
@@ -224,7 +224,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     results.update(
         mode="quick" if args.quick else "full",
-        command=" ".join(["python", "benchmarks/run_benchmarks.py", *sys.argv[1:]]),
+        command=" ".join(["python", "benchmarks/speed/run_benchmarks.py", *sys.argv[1:]]),
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
         settings=asdict(settings),
         machine=machine_info(),

@@ -348,7 +348,7 @@ def run_worker(target: str, payload: dict[str, Any], threads: int | None) -> dic
         cmd += ["--worker-output", str(out)]
         if threads is not None:
             cmd += ["--threads", str(threads)]
-        proc = subprocess.run(cmd, cwd=BENCH_DIR.parent, check=False)
+        proc = subprocess.run(cmd, cwd=BENCH_DIR.parents[1], check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"worker {target} failed with exit code {proc.returncode}")
         return json.loads(out.read_text())

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/evaluate_enhancement.py --model /tmp/small_pbmc --out benchmarks/results
+    python benchmarks/evaluation/evaluate_enhancement.py --model runs/small_pbmc --out benchmarks/results
 
 The raw counts of all 2,170 pbmc4k cells are binomially down-sampled to 10% and 20% of their
 depth (seeded). For the cells held out of the default model's pretraining (the 10% of
@@ -36,8 +36,8 @@ import numpy as np
 
 import default_model_splits as splits_mod
 import scxtrimo
-from _common import binomial_thin
 from _evaluation import (
+    binomial_thin,
     command_line,
     load_model,
     log,
@@ -46,7 +46,7 @@ from _evaluation import (
     run_record,
     write_results,
 )
-from scxtrimo.tl._evaluate import log_normalized
+from scxtrimo.metrics import log_normalized
 
 
 def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -2,11 +2,12 @@
 
 Usage (from the repository root; about a minute on one CPU core)::
 
-    python benchmarks/evaluate_perturbation.py            # the model shipped with scxtrimo
-    python benchmarks/evaluate_perturbation.py --model /tmp/small_pbmc
+    python benchmarks/evaluation/evaluate_perturbation.py            # the model shipped with scxtrimo
+    python benchmarks/evaluation/evaluate_perturbation.py --model runs/small_pbmc
 
-Data: ``/work/shared/data/kang2018_ifnb_pbmc_1556.h5ad`` (1,556 PBMCs of 2 donors, control and
-6 h IFN-β, 5 cell types, 1,267 genes; the scGen / CPA benchmark). Each cell type in turn is
+Data: ``kang2018_ifnb_pbmc_1556.h5ad`` of the shared data (``$SCXTRIMO_SHARED_DATA``, else
+``../shared/data`` beside the repository): 1,556 PBMCs of 2 donors, control and
+6 h IFN-β, 5 cell types, 1,267 genes (the scGen / CPA benchmark). Each cell type in turn is
 held out: every method learns from the control and stimulated cells of the 4 other types and
 predicts the stimulated profile of the held-out type's control cells; the held-out type's
 stimulated cells are used only to score.
@@ -250,7 +251,7 @@ def main() -> None:
     start = time.perf_counter()
     adata = ad.read_h5ad(KANG_IFNB)
     lognorm = _log_normalize(adata.X, 1e4)
-    net = scxtrimo.tl.resolve_model(None if args.model is None else args.model)
+    net = scxtrimo.model.resolve_model(None if args.model is None else args.model)
     model_info = {
         "path": "shipped default (scxtrimo/_resources/pretrained)"
         if args.model is None
@@ -274,7 +275,7 @@ def main() -> None:
     embed_seconds = time.perf_counter() - embed_start
     res = evaluate(adata, lognorm, args)
     total = time.perf_counter() - start
-    command = "python benchmarks/evaluate_perturbation.py" + (
+    command = "python benchmarks/evaluation/evaluate_perturbation.py" + (
         f" --model {args.model}" if args.model else ""
     )
     result = {

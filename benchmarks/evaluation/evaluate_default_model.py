@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/evaluate_default_model.py \\
+    python benchmarks/evaluation/evaluate_default_model.py \\
         --model shipped --previous /path/to/previous_default \\
         --ablation no_contrastive=runs/abl_nocontrastive/final ...
 
@@ -47,7 +47,7 @@ import default_model_splits as splits_mod
 import scxtrimo
 from scxtrimo.model import XTrimoGene
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 MAX_REFERENCE = 2000  # training cells used as classifier reference per split (seeded)
 MAX_QUERY = 1500  # held-out cells scored per split (seeded; keeps the run near 20 min)
 PARTS = ("S", "T", "gene max", "gene mean")
@@ -248,7 +248,7 @@ def write(results: dict, out: Path) -> None:
         "Classifier fitted on the training part's embeddings, scored on the held-out part "
         "(macro-F1). Ratios: kNN macro-F1 / PCA's kNN macro-F1 (target >= 0.95) and "
         "transfer_labels macro-F1 / PCA + logistic regression macro-F1 (target >= 0.9). "
-        "Command: `python benchmarks/evaluate_default_model.py` (see its docstring); "
+        "Command: `python benchmarks/evaluation/evaluate_default_model.py` (see its docstring); "
         f"{results.get('wall_s', 0) / 60:.1f} min on {results.get('threads', '?')} CPU threads.",
         "",
     ]

@@ -2,10 +2,10 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_decoder_path.py [--config small] [--cells 8 32] [--steps 5]
+    python benchmarks/speed/bench_decoder_path.py [--config small] [--cells 8 32] [--steps 5]
 
 One AdamW step of :class:`~scxtrimo.module.XTrimoGeneModule` on real pbmc4k cells (one
-:func:`~scxtrimo.data.pretraining_batch`, 256 visible genes per cell as in the shipped
+``scxtrimo.data._tokens.pretraining_batch``, 256 visible genes per cell as in the shipped
 recipe), with the decoder computed two ways that give the same loss and gradients:
 
 ``replaced rows``
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 import scxtrimo
-from scxtrimo.data import MaskingSpec, TokenIndex, map_genes, pretraining_batch
-from scxtrimo.data._tokens import row_seeds
+from scxtrimo.data import MaskingSpec, map_genes
+from scxtrimo.data._tokens import TokenIndex, pretraining_batch, row_seeds
 from scxtrimo.module import XTrimoGeneModule
 
 
@@ -127,7 +127,7 @@ def main() -> None:
         )
         print(rows_out[-1])
     result = {
-        "command": "python benchmarks/bench_decoder_path.py "
+        "command": "python benchmarks/speed/bench_decoder_path.py "
         f"--config {args.config} --cells {' '.join(map(str, args.cells))} --steps {args.steps}"
         + (f" --threads {args.threads}" if args.threads is not None else ""),
         "config": args.config,

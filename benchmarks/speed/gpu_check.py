@@ -2,8 +2,8 @@
 
 Run on a machine with a CUDA GPU, from the repository root:
 
-    python benchmarks/gpu_check.py                 # everything, ~2-5 min on one GPU
-    python benchmarks/gpu_check.py --quick         # fewer cells (~1 min)
+    python benchmarks/speed/gpu_check.py                 # everything, ~2-5 min on one GPU
+    python benchmarks/speed/gpu_check.py --quick         # fewer cells (~1 min)
 
 Without CUDA it stops at once with a message (exit code 2). ``--device cpu`` runs the same
 functions on the CPU with small sizes (what ``tests/test_gpu_check.py`` does, so this script
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks" / "speed"))
 FIXTURE = ROOT / "tests" / "data" / "parity_small"
 RESULTS = ROOT / "benchmarks" / "results"
 PARITY_TOLERANCE = 1e-4
@@ -226,7 +226,7 @@ def _pbmc(n_cells: int, rate: float = 1.0, seed: int = 0):
 
 
 def _plan(model, adata, max_tokens: int):
-    from scxtrimo.data import plan_batches
+    from scxtrimo.data._loading import plan_batches
 
     prep = model.prepare_input(adata)
     return plan_batches(prep.stats.n_tokens[prep.cells], max_tokens=max_tokens)

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/evaluate_gene_modules.py --model /tmp/small_pbmc --out benchmarks/results
+    python benchmarks/evaluation/evaluate_gene_modules.py --model runs/small_pbmc --out benchmarks/results
 
 On pbmc4k, the 2,000 genes most variable across cells (variance of the log-normalised values)
 plus 17 marker genes of four cell types (T: CD3D CD3E CD2 IL7R; B: MS4A1 CD79A CD79B CD19;
@@ -33,7 +33,7 @@ import pandas as pd
 import scxtrimo
 from _evaluation import command_line, load_model, log, machine, quiet, run_record, write_results
 from scxtrimo.model import XTrimoGene
-from scxtrimo.tl._evaluate import log_normalized
+from scxtrimo.metrics import log_normalized
 
 MARKERS = {
     "T cell": ["CD3D", "CD3E", "CD2", "IL7R"],

@@ -1,7 +1,7 @@
 """Section c: one pretraining step of the asymmetric model vs all-gene encoders.
 
 All three models predict the same masked values of the same real pbmc4k cells (one
-:func:`scxtrimo.data.pretraining_batch`) and take one AdamW step:
+``scxtrimo.data._tokens.pretraining_batch``) and take one AdamW step:
 
 ``asymmetric``
     scxtrimo's ``small`` module: encoder over the visible non-zero genes, Performer decoder
@@ -37,8 +37,8 @@ from _common import (
     transformer_layer_flops,
     value_embedding_flops,
 )
-from scxtrimo.data import MaskingSpec, TokenIndex, pretraining_batch
-from scxtrimo.data._tokens import row_seeds
+from scxtrimo.data import MaskingSpec
+from scxtrimo.data._tokens import TokenIndex, pretraining_batch, row_seeds
 from scxtrimo.module import (
     AutoDiscretizationEmbedding,
     PerformerDecoder,

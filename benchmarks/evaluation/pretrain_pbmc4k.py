@@ -2,7 +2,7 @@
 
 Usage (from the repository root; the defaults are the recipe of the shipped model)::
 
-    python benchmarks/pretrain_pbmc4k.py --save-model /tmp/small_pbmc
+    python benchmarks/evaluation/pretrain_pbmc4k.py --save-model runs/small_pbmc
 
 What it measures, all on the 2,170 real pbmc4k cells shipped with scxtrimo:
 
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import scxtrimo
-from scxtrimo.data import MaskingSpec, TokenIndex, map_genes, pretraining_batch
-from scxtrimo.data._tokens import NORMALIZE_SCALE, row_seeds
+from scxtrimo.data import MaskingSpec, map_genes
+from scxtrimo.data._tokens import NORMALIZE_SCALE, TokenIndex, pretraining_batch, row_seeds
 from scxtrimo.model import XTrimoGene
 from scxtrimo.train import expected_masked_values
 
@@ -171,7 +171,7 @@ def main() -> None:
     start = time.perf_counter()
     emb = model.get_latent_representation(progress_bar=False)
     embed_s = time.perf_counter() - start
-    pca = scxtrimo.tl.pca_baseline(adata)
+    pca = scxtrimo.metrics.pca_baseline(adata)
     labelled = (adata.obs["cell_type"] != "?").to_numpy()
     labels = adata.obs["cell_type"].to_numpy()[labelled]
     # Control: the same architecture before training, cells seen the same way.
@@ -180,13 +180,13 @@ def main() -> None:
         adata, max_genes=args.max_genes, progress_bar=False
     )
     knn = {
-        "scxtrimo": scxtrimo.tl.knn_accuracy(emb[labelled], labels),
-        "untrained": scxtrimo.tl.knn_accuracy(emb_untrained[labelled], labels),
-        "pca50": scxtrimo.tl.knn_accuracy(pca[labelled], labels),
+        "scxtrimo": scxtrimo.metrics.knn_accuracy(emb[labelled], labels),
+        "untrained": scxtrimo.metrics.knn_accuracy(emb_untrained[labelled], labels),
+        "pca50": scxtrimo.metrics.knn_accuracy(pca[labelled], labels),
     }
     history = {k: v[k].astype(float).tolist() for k, v in model.history.items()}
     result = {
-        "command": f"python benchmarks/pretrain_pbmc4k.py --config {args.config} --max-epochs {args.max_epochs} "
+        "command": f"python benchmarks/evaluation/pretrain_pbmc4k.py --config {args.config} --max-epochs {args.max_epochs} "
         f"--batch-size {args.batch_size} --lr {args.lr} --max-genes {args.max_genes} --seed {args.seed}",
         "machine": {
             "cpu_cores": torch.get_num_threads(),

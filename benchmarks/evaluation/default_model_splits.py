@@ -1,7 +1,7 @@
 """The shipped default model's data: which cells it is pretrained on and which are held out.
 
 One definition, imported by ``scripts/build_pretrained_default.py`` (pretraining) and
-``benchmarks/evaluate_default_model.py`` (evaluation), so the evaluation parts can never leak
+``benchmarks/evaluation/evaluate_default_model.py`` (evaluation), so the evaluation parts can never leak
 into training. All four files of ``shared/data`` are used:
 
 - pbmc4k (10x v2, 2,170 cells): a seeded 90% trains, 10% (217 cells) is held out;
@@ -21,7 +21,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("SCXTRIMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PBMC4K = "pbmc4k_soupx_2170.h5ad"
 KANG12K = "kang2018_pbmc_12k_1287genes.h5ad"

@@ -3,7 +3,7 @@
 Every script compares scxtrimo with simple baselines computed on the same cells and split, and
 writes ``<name>.json`` and ``<name>.md`` to ``--out``. The baselines and scores themselves
 (PCA, log-normalisation, classification scores) are package code users need too: they live in
-:mod:`scxtrimo.tl._evaluate`.
+:mod:`scxtrimo.metrics`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
-from _common import json_default, load_average, log
+ROOT = Path(__file__).resolve().parents[2]
+# The timing and machine helpers are the speed suite's (benchmarks/speed/_common.py).
+sys.path.insert(0, str(ROOT / "benchmarks" / "speed"))
+
+from _common import binomial_thin, json_default, load_average, log  # noqa: E402
 
 __all__ = [
     "KANG",
     "SHARED_DATA",
+    "binomial_thin",
     "command_line",
     "load_model",
     "log",
@@ -28,9 +34,10 @@ __all__ = [
     "write_results",
 ]
 
-SHARED_DATA = Path(os.environ.get("SCXTRIMO_SHARED_DATA", "/work/shared/data"))
+#: The shared data sets: ``$SCXTRIMO_SHARED_DATA``, else ``../shared/data`` beside the repository
+#: (as in tests/conftest.py).
+SHARED_DATA = Path(os.environ.get("SCXTRIMO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 KANG = SHARED_DATA / "kang2018_pbmc_12k_1287genes.h5ad"
-DEFAULT_MODEL = Path("/tmp/small_pbmc")
 
 
 def machine() -> dict[str, Any]:
@@ -60,20 +67,22 @@ def quiet() -> None:
 def load_model(path: Path | None):
     """The pretrained model to evaluate, and a description of where it came from.
 
-    ``path`` (default ``/tmp/small_pbmc``, written by ``benchmarks/pretrain_pbmc4k.py``) is
-    loaded when it exists; otherwise the model shipped with scxtrimo (the output of that same
-    command, in float16), and the results say which.
+    ``path``: a saved model directory (e.g. the ``--save-model`` of
+    ``benchmarks/evaluation/pretrain_pbmc4k.py``); ``None``: the model shipped with scxtrimo
+    (the output of that same command, in float16). The results say which.
     """
     from scxtrimo.model import XTrimoGene
-    from scxtrimo.tl import resolve_model
+    from scxtrimo.model import resolve_model
 
-    path = DEFAULT_MODEL if path is None else Path(path)
-    found = (path / "model.json").exists()
-    if not found:
-        log(f"{path} not found: evaluating the model shipped with scxtrimo")
-    model = XTrimoGene.load(path) if found else resolve_model(None)
+    if path is not None and not (Path(path) / "model.json").exists():
+        raise FileNotFoundError(
+            f"--model {path}: no saved model there (no model.json); pass a directory written "
+            "by XTrimoGene.save or pretrain_pbmc4k.py --save-model, or leave --model out to "
+            "evaluate the shipped model."
+        )
+    model = resolve_model(None) if path is None else XTrimoGene.load(path)
     return model, {
-        "path": str(path) if found else "shipped default (scxtrimo/_resources/pretrained)",
+        "path": "shipped default (scxtrimo/_resources/pretrained)" if path is None else str(path),
         "config": _config_name(model),
         "training_args": model.training_args_,
     }
@@ -90,7 +99,9 @@ def _config_name(model) -> str:
 
 def command_line(script: str, model: Path | None, options: str) -> str:
     """The command that reproduces a run (``--model`` only when one was given)."""
-    return f"python benchmarks/{script}" + (f" --model {model}" if model else "") + options
+    return (
+        f"python benchmarks/evaluation/{script}" + (f" --model {model}" if model else "") + options
+    )
 
 
 def run_record(command: str, model_info: dict, **fields: Any) -> dict[str, Any]:
