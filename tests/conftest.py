@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 scxtrimo.settings.progress_bar = False
 scxtrimo.settings.verbosity = "warning"
+
+#: The shared real data sets: ``$SCXTRIMO_SHARED_DATA``, else ``../shared/data`` beside the
+#: repository root (this checkout's, never a path of one machine).
+SHARED_DATA = Path(
+    os.environ.get("SCXTRIMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared data folder; the test is skipped, saying where it looked, when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"shared data not found at {SHARED_DATA} (set SCXTRIMO_SHARED_DATA to the folder, "
+            "or put it at ../shared/data beside the repository)"
+        )
+    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Ensembl IDs as var_names (CELLxGENE / Census style) and duplicated var_names, on real PBMCs."""
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,18 +17,16 @@ def _versioned(adata):
     return out
 
 
-SHARED = Path("/work/shared/data/pbmc4k_soupx_2170.h5ad")  # all 33,694 genes
-
-
 def test_versioned_ensembl_var_names_embed_like_symbols(pbmc, tiny_model, tmp_path):
     _check_like_symbols(pbmc, tiny_model, tmp_path)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="shared data not available")
-def test_versioned_ensembl_var_names_full_gene_set(tiny_model, tmp_path):
+def test_versioned_ensembl_var_names_full_gene_set(shared_data, tiny_model, tmp_path):
     import anndata as ad
 
-    full = ad.read_h5ad(SHARED)[:60].copy()
+    path = shared_data / "pbmc4k_soupx_2170.h5ad"  # all 33,694 genes
+    assert path.exists(), f"{path} is missing from the shared data folder"
+    full = ad.read_h5ad(path)[:60].copy()
     assert full.n_vars == 33_694
     _check_like_symbols(full, tiny_model, tmp_path)
 

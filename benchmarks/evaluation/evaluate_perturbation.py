@@ -280,7 +280,7 @@ def main() -> None:
     )
     result = {
         "command": command,
-        "data": str(KANG_IFNB),
+        "data": f"{KANG_IFNB.name} (shared data)",
         "model": model_info,
         "machine": machine(),
         "seed": args.seed,
