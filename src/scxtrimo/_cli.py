@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument(
         "--model",
         default=None,
-        help="saved XTrimoGene directory or scFoundation models.ckpt (default: shipped model)",
+        help="saved XTrimoGene directory, scFoundation models.ckpt, or 'scfoundation' for the "
+        "official weights (downloaded once, then cached; offline: pass the file) "
+        "(default: shipped model)",
     )
     emb.add_argument("--key-added", default="X_scxtrimo", help="obsm key of the embedding")
     emb.add_argument("--layer", default=None, help="layer with raw counts (default: X)")

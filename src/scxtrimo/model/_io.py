@@ -415,11 +415,16 @@ class SaveLoadMixin:
     @classmethod
     def from_scfoundation(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None = None,
         adata: AnnData | None = None,
         *,
         checkpoint: Literal["cell", "rde", "gene"] = "cell",
         device: str | None = None,
+        url: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        sha256: str | None = "auto",
+        force_download: bool = False,
     ) -> XTrimoGene:
         """Load the official scFoundation checkpoint (``models.ckpt``).
 
@@ -431,19 +436,46 @@ class SaveLoadMixin:
         validated before loading. The scFoundation weights are for non-commercial research
         only (scFoundation License); scxtrimo does not ship them.
 
+        Without ``path``, the file is downloaded once from the Hugging Face mirror
+        ``genbio-ai/scFoundation`` (or from ``url``) into a cache, checked against the expected
+        SHA-256 and size, and read from the cache afterwards without any request (see
+        :doc:`/scfoundation`; offline, pass the path of a file you downloaded yourself).
+
         Parameters
         ----------
         path
-            Path to ``models.ckpt``.
+            Path to ``models.ckpt``; ``None`` downloads it (or finds it in the cache).
         adata
             AnnData with raw counts to attach (optional).
         checkpoint
             Which sub-model to load.
         device
             Device to put the model on.
+        url
+            Download from this http(s) URL instead of the Hugging Face mirror (resumable).
+        revision
+            Branch, tag or commit of the mirror (default ``"main"``); a commit pins the file.
+        cache_dir
+            Cache folder (default: the Hugging Face cache, or scxtrimo's for ``url``).
+        sha256
+            Expected SHA-256: ``"auto"`` checks a download against the official file's
+            (and a local ``path`` not at all), a digest checks any file, ``None`` skips the
+            check. The environment variable ``SCXTRIMO_ACCEPT_CHECKPOINT_SHA256`` names
+            digests to accept as well.
+        force_download
+            Download again even if the file is cached.
         """
+        from ._download import scfoundation_checkpoint
         from ._scfoundation import LICENSE_NOTICE, read_scfoundation_checkpoint
 
+        path = scfoundation_checkpoint(
+            path,
+            url=url,
+            revision=revision,
+            cache_dir=cache_dir,
+            sha256=sha256,
+            force_download=force_download,
+        )
         config, state, _meta = read_scfoundation_checkpoint(path, checkpoint=checkpoint)
         logger.info(LICENSE_NOTICE)
         if adata is not None:

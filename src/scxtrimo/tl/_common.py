@@ -30,8 +30,10 @@ def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene
     model
         An :class:`~scxtrimo.model.XTrimoGene`; a directory written by
         :meth:`~scxtrimo.model.XTrimoGene.save`; the official scFoundation checkpoint file
-        (``models.ckpt``, its ``"cell"`` sub-model); or ``None`` for the pretrained model
-        shipped with scxtrimo.
+        (``models.ckpt``, its ``"cell"`` sub-model); the string ``"scfoundation"`` for the
+        official weights, downloaded once and then read from the cache
+        (:meth:`~scxtrimo.model.XTrimoGene.from_scfoundation` without a path); or ``None`` for
+        the pretrained model shipped with scxtrimo.
     device
         Device for a model loaded here.
     """
@@ -43,6 +45,8 @@ def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene
         from scxtrimo.model._pretrained import load_default_model
 
         return load_default_model(device=device)
+    if isinstance(model, str) and model == "scfoundation":
+        return XTrimoGene.from_scfoundation(checkpoint="cell", device=device)
     if isinstance(model, str | os.PathLike):
         path = Path(model)
         if path.is_dir():
@@ -51,7 +55,8 @@ def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene
             return XTrimoGene.from_scfoundation(path, checkpoint="cell", device=device)
         raise FileNotFoundError(
             f"model={str(model)!r} does not exist. Pass an XTrimoGene, a folder written by "
-            "XTrimoGene.save, the scFoundation 'models.ckpt' file, or None for the default model."
+            "XTrimoGene.save, the scFoundation 'models.ckpt' file, 'scfoundation' (the official "
+            "weights, downloaded) or None for the default model."
         )
     raise TypeError(f"model must be an XTrimoGene, a path or None, not {type(model).__name__}.")
 
