@@ -302,6 +302,8 @@ def test_unreachable_hub_names_the_manual_route(hub, tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    # huggingface_hub retries a refused connection with a back-off (~23 s): no waiting here.
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
     with pytest.raises(FileNotFoundError, match=r"pass its path: XTrimoGene\.from_scfoundation"):
         scfoundation_checkpoint(cache_dir=tmp_path / "hf", sha256=FIXTURE_SHA256)
 

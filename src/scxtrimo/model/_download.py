@@ -129,7 +129,7 @@ def _record_path(real: Path) -> Path:
     return scxtrimo_cache_dir() / "sha256" / f"{key}.json"
 
 
-def _hash_file(real: Path, size: int, progress_bar: bool | None) -> str:
+def _hash_file(real: Path, size: int, progress_bar: bool | None, label: str) -> str:
     """SHA-256 of ``real``, read in chunks, with a progress bar."""
     if progress_bar is None:
         from scxtrimo._settings import settings
@@ -147,7 +147,7 @@ def _hash_file(real: Path, size: int, progress_bar: bool | None) -> str:
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
-            desc=f"SHA-256 of {real.name}",
+            desc=f"SHA-256 of {label}",
             disable=not progress_bar,
         ) as bar,
     ):
@@ -190,7 +190,7 @@ def file_sha256(path: str | os.PathLike[str], *, progress_bar: bool | None = Non
     except (OSError, ValueError, AttributeError):
         pass  # no usable record: hash the file
 
-    hexdigest = _hash_file(real, stat.st_size, progress_bar)
+    hexdigest = _hash_file(real, stat.st_size, progress_bar, Path(path).name)
     content = {
         "path": str(real),
         "size": stat.st_size,
@@ -268,7 +268,7 @@ def verify_checkpoint(
     raise ChecksumMismatchError(
         f"Refusing to load {path}{f' (from {source})' if source else ''}: its SHA-256 is "
         f"{actual}, but {expected} was expected{provenance}.{size_note} The file may be "
-        "incomplete, damaged or a different release. To download it again, delete it or pass "
+        "incomplete, damaged or a different release. To download it again, pass "
         "force_download=True. To load it deliberately, pass sha256=None (no check) or "
         f"sha256='{actual}', or set the environment variable {ACCEPT_SHA256_ENV}={actual}."
     )
