@@ -164,8 +164,8 @@ def test_finetuned_model_save_load_round_trip(finetuned, kang, tmp_path):
     classes = finetuned.label_categories
     assert loaded.label_categories == classes
     assert loaded.classifier_ == finetuned.classifier_
-    a = scxtrimo.tl.predict_proba(finetuned, query)
-    b = scxtrimo.tl.predict_proba(loaded, query)
+    a = finetuned.predict(query, soft=True)
+    b = loaded.predict(query, soft=True)
     np.testing.assert_allclose(a, b, atol=1e-6)
     # Loading onto labelled data registers the labels, so fine-tuning can go on.
     ref, _ = reference_query(kang)
@@ -283,18 +283,18 @@ def test_transfer_labels_votes(kang):
     np.testing.assert_allclose(query.obs["t_uncertainty"], 0.0, atol=1e-12)
     # Distance weighting: one very close neighbour outweighs two far ones.
     reference = np.array([[0.0], [10.0], [10.5]])
-    classes, shares = scxtrimo.tl.knn_vote(
+    classes, shares = scxtrimo.metrics.knn_vote(
         np.array([[0.1], [np.nan]]), reference, np.array(["a", "b", "b"]), k=3
     )
     assert classes == ["a", "b"]
     assert shares[0, 0] > 0.9
     assert np.isnan(shares[1]).all()
-    _, uniform = scxtrimo.tl.knn_vote(
+    _, uniform = scxtrimo.metrics.knn_vote(
         np.array([[0.1]]), reference, np.array(["a", "b", "b"]), k=3, weights="uniform"
     )
     np.testing.assert_allclose(uniform[0], [1 / 3, 2 / 3])
     # Reference cells without a label do not vote.
-    _, shares = scxtrimo.tl.knn_vote(
+    _, shares = scxtrimo.metrics.knn_vote(
         np.array([[0.0]]), reference, pd.Series(["a", None, "b"]), k=3, weights="uniform"
     )
     np.testing.assert_allclose(shares[0], [0.5, 0.5])

@@ -9,7 +9,7 @@ import pytest
 import scxtrimo
 
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
-NAMESPACES = ("model", "module", "data", "tl", "pl", "datasets", "train")
+NAMESPACES = ("model", "module", "data", "tl", "pl", "datasets", "train", "inference", "metrics")
 
 _MODULE = re.compile(r"\.\. (current)?module:: (\S+)\s*$")
 _OBJECT = re.compile(

@@ -4,10 +4,9 @@ import json
 
 import anndata as ad
 import numpy as np
-import pytest
 
 import scxtrimo
-from scxtrimo.tl._store import _Store
+from scxtrimo.inference import EmbeddingStore as _Store
 
 
 def test_two_processes_equal_one(pbmc, tiny_model, tmp_path):
@@ -33,14 +32,14 @@ def test_two_processes_equal_one(pbmc, tiny_model, tmp_path):
 
 
 def test_distributed_resume_computes_only_missing_chunks(pbmc, tiny_model, tmp_path):
-    from scxtrimo.tl._embed_store import _StopForTest
+    from _stop import stopped_after_chunks
 
     cells = pbmc[:60].copy()
     path = tmp_path / "in.h5ad"
     cells.write_h5ad(path)
     out = tmp_path / "e.zarr"
-    with pytest.raises(_StopForTest):
-        scxtrimo.tl.embed_to_store(path, out, tiny_model, chunk_size=20, _stop_after_chunks=2)
+    with stopped_after_chunks(2):
+        scxtrimo.tl.embed_to_store(path, out, tiny_model, chunk_size=20)
     first = _Store(out, "X_scxtrimo").done_chunks()
     # One chunk is missing for two processes: rank 1 gets none (and must not fail).
     scxtrimo.tl.embed_to_store(

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import scxtrimo
+from _stop import stopped_after_chunks
 from scxtrimo._cli import main
 from scxtrimo.data import ConcatSource, H5adSource, ZarrSource, open_source
+from scxtrimo.inference import EmbeddingStore as _Store
 from scxtrimo.model import XTrimoGene
-from scxtrimo.tl._embed_store import _StopForTest
-from scxtrimo.tl._store import _Store
 
 ATOL = 1e-5
 
@@ -54,7 +54,7 @@ def test_zarr_and_h5ad_outputs_equal_embed(h5ad, cells, tiny_model, reference, t
     assert report["pooling"] == "all"
     assert report["chunk_size"] == 32
     assert json.loads(report["fingerprint"])["model"]["weights_sha256"]
-    chunks = list(scxtrimo.tl.iter_embedding_store(out))
+    chunks = list(scxtrimo.inference.iter_embedding_store(out))
     assert [len(c) for c in chunks] == [32, 32, 32, 24]
     np.testing.assert_allclose(np.concatenate(chunks), expected, atol=ATOL)
 
@@ -73,12 +73,12 @@ def test_zarr_and_h5ad_outputs_equal_embed(h5ad, cells, tiny_model, reference, t
 
 def test_resumed_after_stop_equals_uninterrupted(h5ad, tiny_model, reference, tmp_path):
     out = tmp_path / "e.zarr"
-    with pytest.raises(_StopForTest):
-        scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, chunk_size=25, _stop_after_chunks=2)
+    with stopped_after_chunks(2):
+        scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, chunk_size=25)
     first = _markers(out)
     assert sorted(first) == [0, 1]
     with pytest.raises(ValueError, match="not complete"):
-        scxtrimo.tl.iter_embedding_store(out)
+        scxtrimo.inference.iter_embedding_store(out)
     with pytest.raises(FileExistsError, match="resume"):
         scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, chunk_size=25)
     scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, resume=True)  # chunk size from the store
@@ -117,8 +117,8 @@ def test_killed_cli_run_resumes(h5ad, tiny_model, reference, tmp_path):
 
 def test_resume_refuses_other_model_input_or_parameters(h5ad, cells, tiny_model, tmp_path):
     out = tmp_path / "e.zarr"
-    with pytest.raises(_StopForTest):
-        scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, chunk_size=40, _stop_after_chunks=1)
+    with stopped_after_chunks(1):
+        scxtrimo.tl.embed_to_store(h5ad, out, tiny_model, chunk_size=40)
     other_model = XTrimoGene(None, config="tiny", seed=1)
     with pytest.raises(ValueError, match="different model"):
         scxtrimo.tl.embed_to_store(h5ad, out, other_model, resume=True)

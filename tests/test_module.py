@@ -16,10 +16,9 @@ from scxtrimo.module import (
     PerformerDecoder,
     XTrimoGeneConfig,
     XTrimoGeneModule,
-    favor_softmax_features,
-    gaussian_orthogonal_random_matrix,
     get_config,
 )
+from scxtrimo.module._performer import favor_softmax_features, gaussian_orthogonal_random_matrix
 
 N_GENES = 19264
 

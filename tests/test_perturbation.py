@@ -35,7 +35,7 @@ def kang(kang_file):
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    return scxtrimo.tl.resolve_model(None)
+    return scxtrimo.model.resolve_model(None)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_expression_representation_needs_no_model(kang, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(scxtrimo.tl, "resolve_model", no_model)
+    monkeypatch.setattr(scxtrimo.model, "resolve_model", no_model)
     pred = scxtrimo.tl.predict_perturbation(
         kang, held_out="B cells", representation="expression", **ARGS, **FAST
     )
@@ -211,7 +211,7 @@ def test_bad_input_fails_before_any_work(kang, monkeypatch, change, kwargs, erro
         raise AssertionError("the input should have been rejected before any work")
 
     monkeypatch.setattr(_perturbation, "_log_normalize", not_reached)
-    monkeypatch.setattr(scxtrimo.tl, "resolve_model", not_reached)
+    monkeypatch.setattr(scxtrimo.model, "resolve_model", not_reached)
     monkeypatch.setattr(_perturbation, "_train_head", not_reached)
     if change == "ctrl_only":
         kang = kang[(kang.obs["condition"] == "ctrl").to_numpy()].copy()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import scxtrimo
+from scxtrimo.model import resolve_model
 from scxtrimo.model._pretrained import default_model_available
-from scxtrimo.tl import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -50,4 +50,4 @@ def test_shipped_model_embedding_is_not_collapsed(pbmc_full, shipped):
     emb = shipped.get_latent_representation(pbmc_full[labelled].copy())
     labels = pbmc_full.obs["cell_type"].to_numpy()[labelled]
     assert emb.std(axis=0).mean() > 1e-2
-    assert scxtrimo.tl.knn_accuracy(emb, labels, k=15)["accuracy"] > 0.65
+    assert scxtrimo.metrics.knn_accuracy(emb, labels, k=15)["accuracy"] > 0.65

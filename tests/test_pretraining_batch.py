@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scxtrimo.data import MaskingSpec, TokenIndex, map_genes, pretraining_batch
+from scxtrimo.data import MaskingSpec, map_genes
+from scxtrimo.data._tokens import TokenIndex, pretraining_batch
 from scxtrimo.data._tokens import row_seeds
 
 N_GENES = 19264

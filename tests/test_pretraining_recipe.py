@@ -39,7 +39,7 @@ def model(two_studies):
 
 
 def _dataset(model, studies, **kwargs):
-    corpus = build_corpus(model, studies, max_genes=64)
+    corpus = build_corpus(model.module, studies, max_genes=64)
     return corpus, PretrainingDataset(
         corpus, TokenIndex(N_GENES), MaskingSpec(downsample_prob=1.0), max_genes=64, **kwargs
     )

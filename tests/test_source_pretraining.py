@@ -13,7 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from scxtrimo.data import ConcatSource, H5adSource, MaskingSpec, SomaSource, TokenIndex
+from scxtrimo.data import ConcatSource, H5adSource, MaskingSpec, SomaSource
+from scxtrimo.data._tokens import TokenIndex
 from scxtrimo.model import XTrimoGene
 from scxtrimo.train import PretrainingDataset, build_corpus, part_from_source
 from scxtrimo.train._pretrain import corpus_gene_bias
@@ -57,12 +58,12 @@ def _batch(corpus, cells, epoch=1):
 def test_soma_part_equals_the_h5ad_part(soma, pbmc):
     uri, path = soma
     model = _model(pbmc)
-    reference = build_corpus(model, [pbmc], max_genes=64)
+    reference = build_corpus(model.module, [pbmc], max_genes=64)
     ref = reference.parts[0]
     cells = np.array([17, 3, 90, 41, 64, 8, 111, 0])  # unsorted, as a batch is
     expected = _batch(reference, cells)
     for entry in (uri, SomaSource(uri), str(path), H5adSource(path)):
-        corpus = build_corpus(model, [entry], max_genes=64)
+        corpus = build_corpus(model.module, [entry], max_genes=64)
         part = corpus.parts[0]
         np.testing.assert_array_equal(part.cells, ref.cells)
         np.testing.assert_array_equal(part.n_tokens, ref.n_tokens)
@@ -75,7 +76,7 @@ def test_soma_part_equals_the_h5ad_part(soma, pbmc):
             corpus_gene_bias(corpus, ref.cells, MaskingSpec()),
             corpus_gene_bias(reference, ref.cells, MaskingSpec()),
         )
-    part = build_corpus(model, [uri], max_genes=64).parts[0]
+    part = build_corpus(model.module, [uri], max_genes=64).parts[0]
     assert isinstance(part.matrix, SourceRows)
     # Picklable (ddp_spawn, DataLoader workers): the copy reopens the experiment.
     clone = pickle.loads(pickle.dumps(part.matrix))
@@ -86,15 +87,15 @@ def test_soma_part_equals_the_h5ad_part(soma, pbmc):
 
 def test_zarr_shards_and_concat_sources(pbmc, tmp_path):
     model = _model(pbmc)
-    ref = build_corpus(model, [pbmc], max_genes=64).parts[0]
+    ref = build_corpus(model.module, [pbmc], max_genes=64).parts[0]
     pbmc.write_zarr(tmp_path / "all.zarr")
-    part = build_corpus(model, [str(tmp_path / "all.zarr")], max_genes=64).parts[0]
+    part = build_corpus(model.module, [str(tmp_path / "all.zarr")], max_genes=64).parts[0]
     np.testing.assert_array_equal(part.n_tokens, ref.n_tokens)
     # Shards with the same genes are one study, read across the shard boundary...
     pbmc[:50].write_h5ad(tmp_path / "a.h5ad")
     pbmc[50:].write_h5ad(tmp_path / "b.h5ad")
     shards = [str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")]
-    corpus = build_corpus(model, [shards], max_genes=64)
+    corpus = build_corpus(model.module, [shards], max_genes=64)
     assert len(corpus.parts) == 1
     np.testing.assert_array_equal(corpus.parts[0].n_tokens, ref.n_tokens)
     rows = np.array([3, 49, 50, 100])
@@ -102,11 +103,11 @@ def test_zarr_shards_and_concat_sources(pbmc, tmp_path):
     # ...shards with different genes are a study each.
     pbmc[50:, :6000].write_h5ad(tmp_path / "c.h5ad")
     mixed = ConcatSource([H5adSource(tmp_path / "a.h5ad"), H5adSource(tmp_path / "c.h5ad")])
-    corpus = build_corpus(model, [mixed], max_genes=64)
+    corpus = build_corpus(model.module, [mixed], max_genes=64)
     assert [p.matrix.shape for p in corpus.parts] == [(50, pbmc.n_vars), (70, 6000)]
     assert corpus.measured[1].sum() == 6000
     with pytest.raises(ValueError, match="different genes"):
-        part_from_source(model, mixed, "mixed", max_genes=64)
+        part_from_source(model.module, mixed, "mixed", max_genes=64)
 
 
 def test_training_on_a_filtered_soma_source_and_an_anndata(soma, pbmc, pbmc_full):
@@ -117,7 +118,7 @@ def test_training_on_a_filtered_soma_source_and_an_anndata(soma, pbmc, pbmc_full
     assert source.shape[0] == keep.sum() >= 16
     model = _model(other)
     before = _weights(model)
-    corpus = build_corpus(model, [source, other], max_genes=64)
+    corpus = build_corpus(model.module, [source, other], max_genes=64)
     part = corpus.parts[0]
     assert part.matrix.shape[0] == keep.sum()  # only the filtered cells are rows
     np.testing.assert_array_equal(part.matrix[np.arange(5)].toarray(), pbmc.X[keep][:5].toarray())

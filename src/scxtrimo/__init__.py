@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 
-_SUBMODULES = ("data", "datasets", "model", "module", "pl", "tl", "train")
+_SUBMODULES = ("data", "datasets", "inference", "metrics", "model", "module", "pl", "tl", "train")
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import data, datasets, model, module, pl, tl, train  # noqa: F401
+    from . import data, datasets, inference, metrics, model, module, pl, tl, train  # noqa: F401
     from ._settings import settings
 
 __all__ = [*_SUBMODULES, "__version__", "settings"]

@@ -13,9 +13,8 @@ logger = logging.getLogger("scxtrimo")
 
 
 def _get_model(args: argparse.Namespace, adata):
-    from .model import XTrimoGene
+    from .model import XTrimoGene, resolve_model
     from .model._pretrained import default_model_available
-    from .tl import resolve_model
 
     if args.model is not None:
         return resolve_model(args.model), f"given ({args.model})"
@@ -57,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    from . import datasets, tl
+    from . import datasets, metrics, tl
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -70,12 +69,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     tl.embed(adata, model)
     embed_s = time.perf_counter() - start
-    adata.obsm["X_pca"] = tl.pca_baseline(adata)
+    adata.obsm["X_pca"] = metrics.pca_baseline(adata)
 
     labelled = (adata.obs["cell_type"] != "?").to_numpy()
     labels = adata.obs["cell_type"].to_numpy()[labelled]
-    knn_model = tl.knn_accuracy(adata.obsm["X_scxtrimo"][labelled], labels, k=15)
-    knn_pca = tl.knn_accuracy(adata.obsm["X_pca"][labelled], labels, k=15)
+    knn_model = metrics.knn_accuracy(adata.obsm["X_scxtrimo"][labelled], labels, k=15)
+    knn_pca = metrics.knn_accuracy(adata.obsm["X_pca"][labelled], labels, k=15)
 
     sc.pp.neighbors(adata, use_rep="X_scxtrimo", random_state=args.seed)
     sc.tl.umap(adata, random_state=args.seed)

@@ -1,9 +1,10 @@
-"""Data handling: the gene vocabulary, input checks, sparse kernels and batching.
+"""Data handling: row sources, the gene vocabulary, input checks and the token specifications.
 
-Nothing in this namespace imports Lightning or scvi-tools.
+What a user composes; the kernels, token layouts and batch builders stay in their rooms
+(``data/_kernels*``, ``data/_tokens``, ``data/_loading``). Nothing in this namespace imports
+Lightning or scvi-tools.
 """
 
-from ._loading import InferenceBatch, iter_inference_batches, plan_batches
 from ._matrix import get_matrix, iter_row_chunks
 from ._soma import SomaSource
 from ._sources import (
@@ -15,7 +16,7 @@ from ._sources import (
     ZarrSource,
     open_source,
 )
-from ._tokens import InputSpec, MaskingSpec, TargetDepth, TokenIndex, pretraining_batch
+from ._tokens import InputSpec, MaskingSpec, TargetDepth
 from ._validation import CellStats, invalid_cells, scan_cells
 from ._vocabulary import (
     DuplicateGenesWarning,
@@ -36,24 +37,19 @@ __all__ = [
     "GeneMapping",
     "GeneVocabulary",
     "H5adSource",
-    "InferenceBatch",
     "InputSpec",
     "LowVocabularyCoverageWarning",
     "MaskingSpec",
     "RowSource",
     "SomaSource",
     "TargetDepth",
-    "TokenIndex",
     "ZarrSource",
     "get_matrix",
     "invalid_cells",
-    "iter_inference_batches",
     "iter_row_chunks",
     "load_vocabulary",
     "looks_like_ensembl",
     "map_genes",
     "open_source",
-    "plan_batches",
-    "pretraining_batch",
     "scan_cells",
 ]

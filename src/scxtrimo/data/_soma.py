@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._sources import _check_rows
+from ._rows import check_rows
 
 __all__ = ["SomaSource"]
 
@@ -159,7 +159,7 @@ class SomaSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Raw counts of ``rows`` (sorted positions into the filtered cells) as CSR."""
-        rows = _check_rows(rows, self.shape[0], self.name)
+        rows = check_rows(rows, self.shape[0], self.name)
         n_vars = self.shape[1]
         if rows.size == 0:
             return sp.csr_matrix((0, n_vars), dtype=np.float32)

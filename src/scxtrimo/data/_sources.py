@@ -24,6 +24,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from ._matrix import as_row_accessible, is_backed_sparse
+from ._rows import as_csr, check_rows, file_size, fingerprint_of
+from ._soma import SomaSource
 
 __all__ = [
     "AnnDataSource",
@@ -64,52 +66,19 @@ class RowSource(Protocol):
         ...
 
 
-def _as_csr(block: Any) -> sp.csr_matrix:
-    """A CSR matrix with dtypes the kernels take (dense blocks and float16 converted)."""
-    if not sp.issparse(block):
-        block = np.asarray(block)
-        if block.ndim == 1:
-            block = block.reshape(1, -1)
-        if block.dtype == np.float16:
-            block = block.astype(np.float32)
-        return sp.csr_matrix(block)
-    block = sp.csr_matrix(block) if block.format != "csr" else block
-    if block.dtype == np.float16:
-        block = block.astype(np.float32)
-    return block
-
-
-def _check_rows(rows: np.ndarray, n_obs: int, name: str) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.ndim != 1:
-        raise ValueError(f"{name}: rows must be a 1-d array of positions.")
-    if rows.size and (rows[0] < 0 or rows[-1] >= n_obs):
-        raise IndexError(f"{name}: rows must be in [0, {n_obs}); got {rows[0]}..{rows[-1]}.")
-    if rows.size > 1 and np.any(np.diff(rows) <= 0):
-        raise ValueError(f"{name}: rows must be sorted and unique.")
-    return rows
-
-
 def _read_matrix_rows(matrix: Any, rows: np.ndarray) -> sp.csr_matrix:
     """Rows of an in-memory, h5py, zarr or anndata-backed matrix (sorted positions)."""
     if rows.size == 0:
         return sp.csr_matrix((0, matrix.shape[1]), dtype=np.float32)
     start, stop = int(rows[0]), int(rows[-1]) + 1
     if stop - start == rows.size:  # contiguous: a slice is much cheaper than fancy indexing
-        return _as_csr(matrix[start:stop])
+        return as_csr(matrix[start:stop])
     if sp.issparse(matrix) or is_backed_sparse(matrix):
-        return _as_csr(matrix[rows])
+        return as_csr(matrix[rows])
     # h5py / zarr dense arrays: read the covering slice when it is small, else row by row.
     if stop - start <= 4 * rows.size:
-        return _as_csr(np.asarray(matrix[start:stop])[rows - start])
-    return _as_csr(np.stack([np.asarray(matrix[int(r)]) for r in rows]))
-
-
-def _file_size(path: str | os.PathLike) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return as_csr(np.asarray(matrix[start:stop])[rows - start])
+    return as_csr(np.stack([np.asarray(matrix[int(r)]) for r in rows]))
 
 
 class AnnDataFileSource:
@@ -179,7 +148,7 @@ class AnnDataFileSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Raw values of ``rows`` (sorted positions) as CSR."""
-        rows = _check_rows(rows, self._shape[0], self.name)
+        rows = check_rows(rows, self._shape[0], self.name)
         return _read_matrix_rows(self._get_matrix(), rows)
 
     def fingerprint(self) -> dict:
@@ -189,7 +158,7 @@ class AnnDataFileSource:
             "path": str(self.path.resolve()),
             "layer": self.layer,
             "shape": list(self.shape),
-            "size_bytes": _file_size(self.path),
+            "size_bytes": file_size(self.path),
         }
 
     def __getstate__(self) -> dict:
@@ -282,7 +251,7 @@ class AnnDataSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Raw values of ``rows`` (sorted positions) as CSR."""
-        rows = _check_rows(rows, self.shape[0], self.name)
+        rows = check_rows(rows, self.shape[0], self.name)
         return _read_matrix_rows(self.matrix, rows)
 
     def fingerprint(self) -> dict:
@@ -339,7 +308,7 @@ class ConcatSource:
 
     def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
         """Rows of one source only (the sources' gene axes differ): see :meth:`pieces`."""
-        rows = _check_rows(rows, self.shape[0], self.name)
+        rows = check_rows(rows, self.shape[0], self.name)
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         if rows.size and which[0] != which[-1]:
             raise ValueError(
@@ -351,17 +320,10 @@ class ConcatSource:
 
     def fingerprint(self) -> dict:
         """What identifies this input (for resumable runs)."""
-        return {"kind": self.kind, "sources": [_fingerprint_of(s) for s in self.sources]}
+        return {"kind": self.kind, "sources": [fingerprint_of(s) for s in self.sources]}
 
     def __repr__(self) -> str:
         return f"ConcatSource({len(self.sources)} sources, shape={self.shape})"
-
-
-def _fingerprint_of(source: RowSource) -> dict:
-    fp = getattr(source, "fingerprint", None)
-    if callable(fp):
-        return fp()
-    return {"kind": type(source).__name__, "name": source.name, "shape": list(source.shape)}
 
 
 def _is_soma_uri(text: str) -> bool:
@@ -397,7 +359,6 @@ def open_source(obj: Any, *, layer: str | None = None, **soma_kwargs: Any) -> Ro
     """
     if isinstance(obj, AnnData):
         return AnnDataSource(obj, layer=layer)
-    from ._soma import SomaSource  # here: _soma reads rows with this module's helpers
 
     if type(obj).__name__ == "Experiment" and type(obj).__module__.startswith("tiledbsoma"):
         return SomaSource(obj, **soma_kwargs)

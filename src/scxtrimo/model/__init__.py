@@ -1,6 +1,9 @@
 """User-facing models (scvi-tools API)."""
 
-from ._inference import PreparedInput
-from ._model import XTrimoGene
+from scxtrimo.inference import PreparedInput  # noqa: F401  (moved; importable here as before)
 
-__all__ = ["PreparedInput", "XTrimoGene"]
+from ._model import XTrimoGene
+from ._pretrained import resolve_model
+
+# PreparedInput lives in scxtrimo.inference; importable from here as before.
+__all__ = ["XTrimoGene", "resolve_model"]

@@ -6,11 +6,10 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,9 +19,8 @@ from scvi import REGISTRY_KEYS
 
 from scxtrimo._settings import settings
 from scxtrimo._version import __version__
+from scxtrimo.inference import InputSettings, atomic_write
 from scxtrimo.module import XTrimoGeneConfig
-
-from ._inference import SETUP_DEFAULTS
 
 if TYPE_CHECKING:
     from ._model import XTrimoGene
@@ -153,26 +151,6 @@ def load_state_dict_checked(
 # ----------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, sync: bool = False) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file.
-
-    ``sync``: flush the file to disk before the rename (a commit marker that must survive a
-    crash of the machine, not only of the process).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_model_files(
@@ -388,7 +366,9 @@ class SaveLoadMixin:
         metadata = read_metadata(path / f"{prefix}{METADATA_FILE}", expected_class=cls.__name__)
         config = XTrimoGeneConfig.from_dict(metadata["config"])
         state = read_state_dict(path / f"{prefix}{MODEL_FILE}")
-        registry = registry_from_json(metadata.get("registry"), cls.__name__, SETUP_DEFAULTS)
+        registry = registry_from_json(
+            metadata.get("registry"), cls.__name__, InputSettings().to_dict()
+        )
         classifier = metadata.get("classifier") or None
         if adata is not None:
             setup = {k: v for k, v in metadata["setup_args"].items() if v is not None}

@@ -11,19 +11,27 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
+from scxtrimo._docs import DOCS, doc_params
 from scxtrimo._settings import settings
 from scxtrimo.data._matrix import get_matrix
 from scxtrimo.data._tokens import TargetDepth
 from scxtrimo.data._validation import scan_cells
 from scxtrimo.data._vocabulary import log_overlap, map_genes
+from scxtrimo.inference import (
+    InputSettings,
+    InvalidCells,
+    PreparedInput,
+    check_max_genes,
+    check_setup_arguments,
+    prepare_input,
+    resolve_max_genes,
+)
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
 from scxtrimo.train._plan import XTrimoGeneTrainingPlan
 
-from . import _inference
-from ._inference import SETUP_DEFAULTS, InvalidCells, PreparedInput
 from ._io import SaveLoadMixin, classifier_info, empty_registry, registered_labels
 from ._outputs import OutputsMixin
 from ._training import TrainingMixin
@@ -36,9 +44,7 @@ TOTAL_COUNTS_KEY = "total_counts"
 # Like a scvi-tools model, the class takes most of its methods from mixins, each in its room:
 # _outputs (embeddings, gene embeddings, expression), _training (train, the classification head)
 # and _io (save, load, from_scfoundation). What stays here is registration and checked input.
-class XTrimoGene(
-    OutputsMixin, TrainingMixin, SaveLoadMixin, UnsupervisedTrainingMixin, BaseModelClass
-):
+class XTrimoGene(OutputsMixin, TrainingMixin, SaveLoadMixin, BaseModelClass):
     """xTrimoGene / scFoundation single-cell foundation model.
 
     An asymmetric transformer: the encoder attends only over a cell's non-zero genes (plus the
@@ -86,7 +92,7 @@ class XTrimoGene(
         **overrides,
     ) -> None:
         if adata is None and registry is None:
-            registry = empty_registry(type(self).__name__, SETUP_DEFAULTS)
+            registry = empty_registry(type(self).__name__, InputSettings().to_dict())
         super().__init__(adata, registry=registry)
         cfg = get_config(config, **overrides)
         seed = settings.seed if seed is None else seed
@@ -156,7 +162,7 @@ class XTrimoGene(
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        _inference.check_setup_arguments(
+        check_setup_arguments(
             adata,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -198,12 +204,14 @@ class XTrimoGene(
         return self.module.config
 
     @property
+    def input_settings(self) -> InputSettings:
+        """How the model reads an AnnData (layer, gene keys, input type), as set up."""
+        return InputSettings.from_mapping((self.registry_ or {}).get("setup_args"))
+
+    @property
     def setup_args(self) -> dict:
-        """How the model reads an AnnData (layer, gene keys, input type)."""
-        args = dict(SETUP_DEFAULTS)
-        saved = (self.registry_ or {}).get("setup_args", {}) or {}
-        args.update({k: saved[k] for k in SETUP_DEFAULTS if k in saved})
-        return args
+        """:attr:`input_settings` as a dict (layer, gene keys, input type, total counts key)."""
+        return self.input_settings.to_dict()
 
     @property
     def label_categories(self) -> list | None:
@@ -241,12 +249,14 @@ class XTrimoGene(
 
     @default_max_genes.setter
     def default_max_genes(self, value: int | None) -> None:
-        self.default_max_genes_ = _inference.check_max_genes(value)
+        self.default_max_genes_ = check_max_genes(value)
 
+    @doc_params(**DOCS)
     def prepare_input(
         self,
         adata: AnnData,
         *,
+        input_settings: InputSettings | None = None,
         indices: Sequence[int] | np.ndarray | None = None,
         target_depth: float | str | TargetDepth | None = None,
         max_genes: int | Literal["all"] | None = None,
@@ -273,13 +283,17 @@ class XTrimoGene(
             or ``"skip"`` them.
         min_overlap
             Minimum share of genes that must map to the vocabulary.
+        input_settings
+            How to read ``adata`` (default: :attr:`input_settings`, the model's); the keyword
+            settings below change it.
         **setup_overrides
-            ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
-            ``total_counts_key``; default to the values the model was set up with.
+            Any of the input settings below; ``None`` keeps the model's value.
+
+            {doc_input_settings}
 
         Returns
         -------
-        The checked input; see :class:`PreparedInput`.
+        The checked input; see :class:`~scxtrimo.inference.PreparedInput`.
 
         Raises
         ------
@@ -287,16 +301,14 @@ class XTrimoGene(
             If the input fails a check (bad values, too few vocabulary genes, cells that cannot
             be embedded with ``invalid="raise"``); the message says how to fix it.
         """
-        return _inference.prepare_input(
+        base = self.input_settings if input_settings is None else input_settings
+        return prepare_input(
             adata,
-            self.setup_args,
-            setup_overrides,
+            base.merge(**setup_overrides),
             n_genes=self.config.n_genes,
-            default_target_depth=self.default_target_depth_,
-            default_max_genes=self.default_max_genes_,
+            target_depth=self.default_target_depth_ if target_depth is None else target_depth,
+            max_genes=resolve_max_genes(max_genes, self.default_max_genes_),
             indices=indices,
-            target_depth=target_depth,
-            max_genes=max_genes,
             invalid=invalid,
             min_overlap=min_overlap,
         )

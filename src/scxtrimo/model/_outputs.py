@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -12,13 +11,18 @@ import torch
 from anndata import AnnData
 
 from scxtrimo.data._tokens import TargetDepth
-
-from . import _inference
-from ._inference import InvalidCells, Pooling, PreparedInput
+from scxtrimo.inference import (
+    DecoderOutput,
+    InvalidCells,
+    Pooling,
+    embed_prepared,
+    gene_embedding_table,
+    iter_decoder,
+)
 
 
 class OutputsMixin:
-    """The output methods of :class:`~scxtrimo.model.XTrimoGene`, over :mod:`._inference`.
+    """The output methods of :class:`~scxtrimo.model.XTrimoGene`, over :mod:`scxtrimo.inference`.
 
     Each method checks its input once with ``prepare_input`` and hands the module and the
     checked input to the inference engine; nothing here runs the network itself.
@@ -100,7 +104,8 @@ class OutputsMixin:
         requested = (
             np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
         )
-        return self._latent_from_prepared(
+        return embed_prepared(
+            self.module,
             prep,
             batch_size=batch_size,
             pooling=pooling,
@@ -111,9 +116,99 @@ class OutputsMixin:
             rows=requested,
         )
 
-    def _latent_from_prepared(self, prep: PreparedInput, **kwargs) -> np.ndarray:
-        """Embeddings of checked input: :func:`~scxtrimo.model._inference.latent_from_prepared`."""
-        return _inference.latent_from_prepared(self.module, prep, **kwargs)
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+        *,
+        max_tokens: int = 16_384,
+        max_genes: int | Literal["all"] | None = None,
+        invalid_cells: InvalidCells = "raise",
+        device: str | torch.device | None = None,
+        progress_bar: bool | None = None,
+        **setup_overrides,
+    ) -> np.ndarray | pd.DataFrame:
+        """Cell types from the fine-tuned classification head (as scvi-tools' ``SCANVI.predict``).
+
+        Parameters
+        ----------
+        adata
+            Cells to classify; defaults to the registered AnnData. Not modified, need not be
+            registered.
+        indices
+            Cells of ``adata`` (default all), in output order.
+        soft
+            ``False``: the most probable class of each cell; ``True``: the probability of
+            every class.
+        batch_size, max_tokens, invalid_cells, device, progress_bar
+            As in :meth:`get_latent_representation`; skipped cells get ``None`` (hard) or NaN
+            rows (soft).
+        max_genes
+            Cap on gene tokens per cell; ``None`` uses the cap the head was fine-tuned with.
+        **setup_overrides
+            ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
+            ``total_counts_key`` for this AnnData; ``None`` keeps the model's.
+
+        Returns
+        -------
+        With ``soft=False``, an object array of class labels (``None`` for skipped cells);
+        with ``soft=True``, a ``float32`` DataFrame ``cells x classes`` (index: the cells'
+        ``obs_names``; columns: :attr:`label_categories`, in the head's order).
+
+        Raises
+        ------
+        ValueError
+            If the model has no classification head, or it has not been trained.
+        """
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("No AnnData: pass adata=... (the model was created without one).")
+        info = self.classifier_
+        if self.module.classifier is None or not info:
+            raise ValueError(
+                "This model has no classification head. Fine-tune one: "
+                "model.add_classifier(adata, labels_key=...) then model.train(finetune='head'), "
+                "or annotate from a labelled reference AnnData instead of the model."
+            )
+        if not info.get("trained"):
+            raise ValueError(
+                "The model's classification head has not been trained; run "
+                "model.train(finetune='head' | 'last_layers' | 'full') first."
+            )
+        max_genes = info.get("max_genes") if max_genes is None else max_genes
+        prep = self.prepare_input(
+            adata, indices=indices, max_genes=max_genes, invalid=invalid_cells, **setup_overrides
+        )
+        rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+        z = embed_prepared(
+            self.module,
+            prep,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            device=device,
+            progress_bar=progress_bar,
+            rows=rows,
+        )
+        head = self.module.classifier
+        weight = head.weight.detach().double().cpu()  # float64: heads fitted on standardised
+        bias = head.bias.detach().double().cpu()  # features can have large, cancelling weights
+        probabilities = np.full((z.shape[0], weight.shape[0]), np.nan, dtype=np.float32)
+        valid = np.flatnonzero(np.isfinite(z).all(axis=1))
+        for start in range(0, valid.size, 4096):
+            chunk = valid[start : start + 4096]
+            with torch.inference_mode():
+                logits = torch.from_numpy(z[chunk].astype(np.float64)) @ weight.T + bias
+                probabilities[chunk] = torch.softmax(logits, dim=-1).numpy()
+        classes = self.label_categories
+        if soft:
+            return pd.DataFrame(
+                probabilities, index=adata.obs_names[rows], columns=pd.Index(classes)
+            )
+        labels = np.full(len(rows), None, dtype=object)
+        labels[valid] = np.asarray(classes, dtype=object)[probabilities[valid].argmax(axis=1)]
+        return labels
 
     def get_gene_embeddings(
         self,
@@ -166,7 +261,7 @@ class OutputsMixin:
         DataFrame (context-free) or array ``[cells, genes, decoder_dim]``.
         """
         if adata is None:
-            return _inference.gene_embedding_table(self.module, genes)
+            return gene_embedding_table(self.module, genes)
         parts = [
             part
             for _, part in self.iter_gene_embeddings(
@@ -189,7 +284,7 @@ class OutputsMixin:
         Takes the arguments of :meth:`get_gene_embeddings`; memory stays bounded by
         ``batch_size`` x genes x decoder width.
         """
-        yield from self._iter_decoder(adata, indices, output="embeddings", **kwargs)
+        yield from self._decode(adata, indices, output="embeddings", **kwargs)
 
     def get_expression(
         self,
@@ -231,7 +326,7 @@ class OutputsMixin:
         """
         parts = [
             part
-            for _, part in self._iter_decoder(
+            for _, part in self._decode(
                 adata,
                 indices,
                 output="expression",
@@ -246,41 +341,31 @@ class OutputsMixin:
         ]
         return np.concatenate(parts)
 
-    @torch.inference_mode()
-    def _iter_decoder(
+    def _decode(
         self,
         adata: AnnData,
-        indices=None,
+        indices: Sequence[int] | np.ndarray | None = None,
         *,
-        output: Literal["embeddings", "expression"],
+        output: DecoderOutput,
         genes: Sequence[str] | None = None,
         batch_size: int = 4,
         target_depth: float | str | TargetDepth | None = None,
         key_stabilizer: Literal["cell", "batch"] = "cell",
         device: str | torch.device | None = None,
         progress_bar: bool | None = None,
-        prep: PreparedInput | None = None,
         **setup_overrides,
-    ):
-        """Run encoder + decoder over ``indices`` in the requested order, ``batch_size`` cells at a time.
-
-        ``prep``: the result of :meth:`prepare_input` for ``adata`` when the caller already has
-        it (the checks then run once); ``indices`` (default: its ``cells``) are decoded.
-        """
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Check ``adata``, then :func:`~scxtrimo.inference.iter_decoder` over ``indices``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        gene_positions = _inference.vocabulary_positions(genes)
-        if prep is None:
-            prep = self.prepare_input(
-                adata, indices=indices, target_depth=target_depth, **setup_overrides
-            )
-        elif indices is not None:
-            prep = dataclasses.replace(prep, cells=np.asarray(indices, dtype=np.int64))
-        yield from _inference.iter_decoder(
+        prep = self.prepare_input(
+            adata, indices=indices, target_depth=target_depth, **setup_overrides
+        )
+        yield from iter_decoder(
             self.module,
             prep,
             output=output,
-            gene_positions=gene_positions,
+            genes=genes,
             batch_size=batch_size,
             key_stabilizer=key_stabilizer,
             device=device,

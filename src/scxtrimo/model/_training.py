@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from anndata import AnnData
+from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 
 from scxtrimo.data._tokens import MaskingSpec
+from scxtrimo.inference import InvalidCells
+from scxtrimo.train import PretrainingObjective, TrainingSettings
 from scxtrimo.train._finetune import FinetuneMode
 
-from ._inference import InvalidCells
 from ._io import classifier_info, registered_labels
 
 
 class TrainingMixin:
     """The training methods of :class:`~scxtrimo.model.XTrimoGene`, over :mod:`scxtrimo.train`.
 
-    ``train`` checks and gathers its arguments and hands them to
-    :func:`~scxtrimo.train._pretrain.run_pretraining` or
-    :func:`~scxtrimo.train._finetune.run_finetuning`, which run Lightning.
+    ``train`` checks and gathers its arguments into a
+    :class:`~scxtrimo.train.TrainingSettings` and hands the module, the checked data and the
+    settings to :func:`~scxtrimo.train.run_pretraining` or
+    :func:`~scxtrimo.train.run_finetuning`, which run Lightning through ``_fit`` (the
+    scvi-tools train runner) and return a :class:`~scxtrimo.train.TrainingResult`; this mixin
+    writes the result onto the model (``training_args_``, ``classifier_``...).
     """
 
     def add_classifier(
@@ -60,11 +67,14 @@ class TrainingMixin:
         """
         args = {k: v for k, v in self.setup_args.items() if v is not None}
         type(self).setup_anndata(adata, labels_key=labels_key, batch_key=batch_key, **args)
-        self._adata = adata
-        self._adata_manager = self._get_most_recent_anndata_manager(adata, required=True)
-        self._register_manager_for_instance(self._adata_manager)
-        self.registry_ = self._adata_manager._registry
-        self.summary_stats = AnnDataManager._get_summary_stats_from_registry(self.registry_)
+        # scvi-tools 1.4 has no public call that gives an existing model a new registration
+        # (its ``adata`` setter transfers the old one, without the labels): these two are
+        # private; the rest is scvi-tools' public manager API.
+        manager = self._get_most_recent_anndata_manager(adata, required=True)
+        self._register_manager_for_instance(manager)
+        self._adata, self._adata_manager = adata, manager
+        self.registry_ = manager.registry
+        self.summary_stats = manager.summary_stats
         _, categories = registered_labels(self.registry_)
         self._set_classifier(categories, labels_key, seed=seed)
 
@@ -216,58 +226,164 @@ class TrainingMixin:
                 "XTrimoGene(adata, ...), or model = XTrimoGene.load(path, adata=adata)."
             )
         seed = self.seed_ if seed is None else seed
-        common = {
-            "max_epochs": max_epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-            "train_size": train_size,
-            "max_genes": max_genes,
-            "seed": seed,
-            "accelerator": accelerator,
-            "devices": devices,
-            "precision": precision,
-            "gradient_clip_val": gradient_clip_val,
-            "num_workers": num_workers,
-            "invalid_cells": invalid_cells,
-            "plan_kwargs": plan_kwargs,
-        }
+        settings = TrainingSettings(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            train_size=train_size,
+            max_genes=max_genes,
+            seed=seed,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            precision=precision,
+            gradient_clip_val=gradient_clip_val,
+            num_workers=num_workers,
+            invalid_cells=invalid_cells,
+            drop_last=drop_last,
+            plan_kwargs=plan_kwargs,
+            trainer_kwargs=trainer_kwargs,
+        )
         if finetune is not None:
-            from scxtrimo.train._finetune import run_finetuning
-
             if corpus is not None:
                 raise ValueError(
                     "corpus= is for pretraining; fine-tuning trains on the registered, labelled "
                     "AnnData (model.add_classifier(adata, labels_key=...)). Drop corpus=."
                 )
-
-            if strategy is not None:
-                trainer_kwargs["strategy"] = strategy
-            if num_nodes is not None:
-                trainer_kwargs["num_nodes"] = num_nodes
-            return run_finetuning(
-                self,
-                mode=finetune,
-                n_last_layers=n_last_layers,
-                trainer_kwargs=trainer_kwargs,
-                **common,
-            )
-        from scxtrimo.train._pretrain import run_pretraining
-
-        return run_pretraining(
-            self,
+            return self._finetune(settings, finetune, n_last_layers)
+        return self._pretrain(
+            settings,
             [self.adata] if corpus is None else corpus,
-            masking=_masking_spec(masking, MaskingSpec()),
-            view_masking=_masking_spec(view_masking, None),
-            contrastive_weight=contrastive_weight,
-            temperature=temperature,
-            strategy=strategy,
-            num_nodes=num_nodes,
-            drop_last=drop_last,
-            trainer_kwargs=trainer_kwargs,
-            **common,
+            PretrainingObjective(
+                masking=_masking_spec(masking, MaskingSpec()),
+                view_masking=_masking_spec(view_masking, None),
+                contrastive_weight=contrastive_weight,
+                temperature=temperature,
+            ),
         )
+
+    def _fit(
+        self,
+        plan: Any,
+        datamodule: Any,
+        *,
+        max_epochs: int,
+        accelerator: str,
+        devices: Any,
+        trainer_kwargs: dict[str, Any],
+    ) -> Any:
+        """Run the scvi-tools train runner over ``plan`` and ``datamodule`` (the recipes' ``fit``).
+
+        The runner records the history on the model; it is kept as plain floats afterwards
+        (Lightning logs 0-d tensors), for JSON and plotting. Lightning's start-up notices are
+        kept out of the output (:func:`~scxtrimo.train._quiet.quiet_lightning`).
+        """
+        from scxtrimo.train._quiet import quiet_lightning
+
+        with quiet_lightning():
+            runner = self._train_runner_cls(
+                self,
+                training_plan=plan,
+                data_splitter=datamodule,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                **trainer_kwargs,
+            )
+            out = runner()
+        if self.history_:
+            self.history_ = {k: v.astype(float) for k, v in self.history_.items()}
+        return out
+
+    def _pretrain(
+        self, settings: TrainingSettings, sources: Sequence[Any], objective: PretrainingObjective
+    ) -> Any:
+        from scxtrimo.train import build_corpus, run_pretraining
+
+        corpus = build_corpus(
+            self.module,
+            sources,
+            input_settings=self.input_settings,
+            max_genes=settings.max_genes,
+            invalid_cells=settings.invalid_cells,
+        )
+        result = run_pretraining(
+            self.module,
+            corpus,
+            settings,
+            objective,
+            fit=self._fit,
+            init_expression_bias=not self.is_trained_,
+            plan_cls=self._training_plan_cls,
+        )
+        self.training_args_ = result.training_args
+        self.default_max_genes_ = result.default_max_genes
+        return result.output
+
+    def _finetune(self, settings: TrainingSettings, mode: FinetuneMode, n_last_layers: int) -> Any:
+        from scxtrimo.train import run_finetuning
+
+        if self.module.classifier is None or not self.classifier_:
+            raise ValueError(
+                "Fine-tuning needs labels: XTrimoGene.setup_anndata(adata, labels_key=...) "
+                "before creating the model, or model.add_classifier(adata, labels_key=...) for "
+                "a pretrained or loaded model."
+            )
+        labels = registered_label_codes(self.adata_manager, self.classifier_["categories"])
+        prep = self.prepare_input(
+            self.adata, invalid=settings.invalid_cells, max_genes=settings.max_genes
+        )
+        previous = getattr(self, "training_args_", None) or {}
+        history, was_trained = self.history_, self.is_trained_
+        if previous.get("finetune") is None:
+            # The history of a pretraining run holds other metrics: start a fresh one.
+            self.history_, self.is_trained_ = None, False
+        try:
+            result = run_finetuning(
+                self.module,
+                prep,
+                labels,
+                settings,
+                mode=mode,
+                n_last_layers=n_last_layers,
+                fit=self._fit,
+            )
+        except BaseException:
+            self.is_trained_ = was_trained
+            if self.history_ is None:
+                self.history_ = history
+            raise
+        self.classifier_ = {**self.classifier_, **result.classifier}
+        self.training_args_ = result.training_args
+        return result.output
+
+
+def registered_label_codes(manager: AnnDataManager, categories: Sequence[Any]) -> np.ndarray:
+    """Class index (into ``categories``) of every cell registered with ``manager``.
+
+    Cells whose label is missing get ``-1``; labels outside ``categories`` raise an error.
+    """
+    state = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+    registered = list(state.categorical_mapping)
+    codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).reshape(-1)
+    position = {c: i for i, c in enumerate(categories)}
+    unknown = [c for c in registered if c not in position]
+    present = np.unique(codes[codes >= 0])
+    unknown_present = [registered[int(i)] for i in present if registered[int(i)] in unknown]
+    if unknown_present:
+        raise ValueError(
+            f"Labels {unknown_present[:5]} are not classes of the model's classification head "
+            f"({list(categories)[:10]}); attach a fresh head with model.add_classifier(adata, "
+            "labels_key=...)."
+        )
+    lookup = np.array([position.get(c, -1) for c in registered], dtype=np.int64)
+    out = np.full(codes.shape, -1, dtype=np.int64)
+    valid = codes >= 0
+    out[valid] = lookup[codes[valid].astype(np.int64)]
+    return out
 
 
 def _masking_spec(

@@ -1,31 +1,21 @@
-"""PyTorch modules of the xTrimoGene / scFoundation model (scvi-tools module layer)."""
+"""PyTorch modules of the xTrimoGene / scFoundation model (scvi-tools module layer).
+
+The configurations, the network and its three building blocks (embedding, encoder, decoder);
+the attention layers and kernels stay in their rooms (``module/_encoder``, ``module/_performer``).
+"""
 
 from ._configs import CONFIGS, XTrimoGeneConfig, get_config
 from ._embedding import AutoDiscretizationEmbedding
-from ._encoder import MultiHeadSelfAttention, TransformerEncoder, TransformerEncoderLayer
+from ._encoder import TransformerEncoder
 from ._module import XTrimoGeneModule
-from ._performer import (
-    PerformerDecoder,
-    PerformerLayer,
-    PerformerSelfAttention,
-    favor_softmax_features,
-    gaussian_orthogonal_random_matrix,
-    linear_attention,
-)
+from ._performer import PerformerDecoder
 
 __all__ = [
     "CONFIGS",
     "AutoDiscretizationEmbedding",
-    "MultiHeadSelfAttention",
     "PerformerDecoder",
-    "PerformerLayer",
-    "PerformerSelfAttention",
     "TransformerEncoder",
-    "TransformerEncoderLayer",
     "XTrimoGeneConfig",
     "XTrimoGeneModule",
-    "favor_softmax_features",
-    "gaussian_orthogonal_random_matrix",
     "get_config",
-    "linear_attention",
 ]

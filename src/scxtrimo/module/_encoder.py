@@ -154,7 +154,7 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Stack of :class:`TransformerEncoderLayer` followed by a final LayerNorm.
+    """Stack of ``TransformerEncoderLayer`` followed by a final LayerNorm.
 
     Padded positions are excluded as attention keys, so the outputs at real positions do not
     depend on how much padding a batch carries (outputs *at* padded positions are meaningless).

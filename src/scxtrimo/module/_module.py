@@ -336,7 +336,7 @@ class XTrimoGeneModule(BaseModuleClass):
             ``[B, M]``, ``True`` = unused slot (``None``: all slots used).
         key_stabilizer
             ``"cell"`` (outputs independent of the other cells in the batch) or ``"batch"`` (the
-            official batched behaviour); see :func:`~scxtrimo.module.favor_softmax_features`.
+            official batched behaviour); see ``module._performer.favor_softmax_features``.
         measured
             ``[n_genes + 3]`` bool: genes the cells' study measured (``None``: all); the
             others hold the mask embedding instead of the value 0.

@@ -307,7 +307,7 @@ class PerformerSelfAttention(nn.Module):
         x
             Tokens ``[B, N, dim]``.
         key_stabilizer
-            See :func:`favor_softmax_features`.
+            See ``favor_softmax_features``.
 
         Returns
         -------
@@ -368,7 +368,7 @@ class PerformerLayer(nn.Module):
 
 
 class PerformerDecoder(nn.Module):
-    """Stack of :class:`PerformerLayer` followed by a final LayerNorm.
+    """Stack of ``PerformerLayer`` followed by a final LayerNorm.
 
     The random projections are buffers: they are loaded with a checkpoint and never change in
     evaluation mode. For training, call :meth:`redraw_projections` (e.g. every 1,000 steps as in
@@ -515,7 +515,7 @@ class PerformerDecoder(nn.Module):
         x
             Tokens ``[B, N, dim]`` (no padding: every position is a real gene or token).
         key_stabilizer
-            See :func:`favor_softmax_features`.
+            See ``favor_softmax_features``.
 
         Returns
         -------

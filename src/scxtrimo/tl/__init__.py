@@ -1,14 +1,13 @@
-"""Tools: scanpy-style functions that write their results into AnnData."""
+"""Tools: scanpy-style functions that read an AnnData and write their results into it."""
 
-from ._annotate import annotate, predict_proba
-from ._embed import embed, resolve_model
+from ._annotate import annotate
+from ._embed import embed
 from ._embed_store import embed_to_store
 from ._enhance import enhance
-from ._evaluate import knn_accuracy, pca_baseline
-from ._genes import cluster_genes, context_gene_embeddings, gene_embeddings, gene_modules
+from ._gene_embeddings import context_gene_embeddings, gene_embeddings
+from ._gene_modules import cluster_genes, gene_modules
 from ._perturbation import predict_perturbation
-from ._store import iter_embedding_store
-from ._transfer import knn_vote, transfer_labels
+from ._transfer import transfer_labels
 
 __all__ = [
     "annotate",
@@ -19,12 +18,6 @@ __all__ = [
     "enhance",
     "gene_embeddings",
     "gene_modules",
-    "iter_embedding_store",
-    "knn_accuracy",
-    "knn_vote",
-    "pca_baseline",
     "predict_perturbation",
-    "predict_proba",
-    "resolve_model",
     "transfer_labels",
 ]

@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from ._common import copied_if, is_data, record, resolve_model, setup_overrides, target_of
-from ._transfer import _embeddings, _reference_labels, _row_max, _write_labels, knn_vote
+from scxtrimo._docs import DOCS, doc_params
+from scxtrimo.metrics import knn_vote
+
+from ._common import copied_if, is_data, load_model, record, target_of
+from ._transfer import _embeddings, _reference_labels, _row_max, _write_labels
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -17,72 +20,7 @@ if TYPE_CHECKING:
     from scxtrimo.model import XTrimoGene
 
 
-def predict_proba(
-    model: XTrimoGene,
-    adata: AnnData,
-    *,
-    batch_size: int | None = None,
-    max_tokens: int = 16_384,
-    max_genes: int | None = None,
-    invalid_cells: Literal["raise", "skip"] = "raise",
-    device: str | None = None,
-    progress_bar: bool | None = None,
-    **setup_overrides,
-) -> np.ndarray:
-    """Class probabilities from a fine-tuned model's classification head.
-
-    Parameters
-    ----------
-    model
-        A model fine-tuned with ``train(finetune=...)``.
-    adata
-        Cells to classify (not modified, need not be registered).
-    batch_size, max_tokens, device, progress_bar
-        As in :meth:`~scxtrimo.model.XTrimoGene.get_latent_representation`.
-    max_genes
-        Cap on gene tokens per cell; ``None`` uses the cap the head was fine-tuned with.
-    invalid_cells
-        ``"raise"`` or ``"skip"`` cells with < 2 in-vocabulary counts (NaN rows).
-    **setup_overrides
-        ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
-        ``total_counts_key``.
-
-    Returns
-    -------
-    ``float32`` array ``[cells, classes]`` (classes in ``model.label_categories`` order).
-    """
-    import torch
-
-    info = model.classifier_
-    if model.module.classifier is None or not info:
-        raise ValueError(
-            "This model has no classification head. Fine-tune one: "
-            "model.add_classifier(adata, labels_key=...) then model.train(finetune='head'), "
-            "or pass a labelled reference AnnData instead of the model."
-        )
-    if not info.get("trained"):
-        raise ValueError(
-            "The model's classification head has not been trained; run "
-            "model.train(finetune='head' | 'last_layers' | 'full') first."
-        )
-    max_genes = info.get("max_genes") if max_genes is None else max_genes
-    prep = model.prepare_input(adata, max_genes=max_genes, invalid=invalid_cells, **setup_overrides)
-    z = model._latent_from_prepared(
-        prep, batch_size=batch_size, max_tokens=max_tokens, device=device, progress_bar=progress_bar
-    )
-    head = model.module.classifier
-    weight = head.weight.detach().double().cpu()  # float64: heads fitted on standardised
-    bias = head.bias.detach().double().cpu()  # features can have large, cancelling weights
-    out = np.full((z.shape[0], weight.shape[0]), np.nan, dtype=np.float32)
-    valid = np.flatnonzero(np.isfinite(z).all(axis=1))
-    for start in range(0, valid.size, 4096):
-        rows = valid[start : start + 4096]
-        with torch.inference_mode():
-            logits = torch.from_numpy(z[rows].astype(np.float64)) @ weight.T + bias
-            out[rows] = torch.softmax(logits, dim=-1).numpy()
-    return out
-
-
+@doc_params(**DOCS)
 def annotate(
     query: AnnData | MuData,
     model_or_reference: XTrimoGene | str | os.PathLike | AnnData | MuData,
@@ -132,8 +70,9 @@ def annotate(
         Reference only: ``.obsm`` key of the embeddings.
     k
         Reference only: neighbours.
-    layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key, batch_size, invalid_cells
-        How to read the cells; see :func:`scxtrimo.tl.embed`.
+    {doc_input_settings}
+    batch_size, invalid_cells
+        How to embed the cells; see :func:`scxtrimo.tl.embed`.
     max_genes
         Model only: cap on gene tokens per cell (default: as in fine-tuning).
     mod
@@ -168,7 +107,13 @@ def annotate(
     """
     query = copied_if(query, copy)
     target = target_of(query, mod)
-    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
+    overrides = {
+        "layer": layer,
+        "gene_symbols_key": gene_symbols_key,
+        "gene_ids_key": gene_ids_key,
+        "input_type": input_type,
+        "total_counts_key": total_counts_key,
+    }
     if is_data(model_or_reference):
         if labels_key is None:
             raise ValueError("Annotating from a reference AnnData needs labels_key=<obs column>.")
@@ -180,7 +125,7 @@ def annotate(
             model=model,
             use_rep=use_rep,
             embed_kwargs={
-                **overrides,
+                "input": overrides,
                 "batch_size": batch_size,
                 "invalid_cells": invalid_cells,
                 "device": device,
@@ -201,17 +146,17 @@ def annotate(
             raise ValueError(
                 "labels_key is for a reference AnnData; a fine-tuned model brings its classes."
             )
-        net = resolve_model(model_or_reference, device=device)
-        probabilities = predict_proba(
-            net,
+        net = load_model(model_or_reference, device=device)
+        probabilities = net.predict(
             target,
+            soft=True,
             batch_size=batch_size,
             max_genes=max_genes,
             invalid_cells=invalid_cells,
             device=device,
             progress_bar=progress_bar,
             **overrides,
-        )
+        ).to_numpy(dtype=np.float32)
         classes = net.label_categories
         params = {
             "method": "classifier",

@@ -1,10 +1,8 @@
-"""The preamble every tool shares: copy, pick the modality, resolve the model, check the input."""
+"""The preamble every tool shares: copy, pick the modality, resolve the model, record the call."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,48 +15,12 @@ if TYPE_CHECKING:
 
     from scxtrimo.model import XTrimoGene
 
-# How a tool may read an AnnData differently from how the model was set up. Each tool spells
-# these out in its signature and docs, scanpy's style (docs/architecture.md, "Kept twice").
-SETUP_KEYS = ("layer", "gene_symbols_key", "gene_ids_key", "input_type", "total_counts_key")
 
+def load_model(model: Any = None, *, device: str | None = None) -> XTrimoGene:
+    """:func:`scxtrimo.model.resolve_model`, looked up when called (tests replace it there)."""
+    import scxtrimo.model
 
-def resolve_model(model: Any = None, *, device: str | None = None) -> XTrimoGene:
-    """Turn what a user passed as ``model`` into an :class:`~scxtrimo.model.XTrimoGene`.
-
-    Parameters
-    ----------
-    model
-        An :class:`~scxtrimo.model.XTrimoGene`; a directory written by
-        :meth:`~scxtrimo.model.XTrimoGene.save`; the official scFoundation checkpoint file
-        (``models.ckpt``, its ``"cell"`` sub-model); the string ``"scfoundation"`` for the
-        official weights, downloaded once and then read from the cache
-        (:meth:`~scxtrimo.model.XTrimoGene.from_scfoundation` without a path); or ``None`` for
-        the pretrained model shipped with scxtrimo.
-    device
-        Device for a model loaded here.
-    """
-    from scxtrimo.model import XTrimoGene
-
-    if isinstance(model, XTrimoGene):
-        return model
-    if model is None:
-        from scxtrimo.model._pretrained import load_default_model
-
-        return load_default_model(device=device)
-    if isinstance(model, str) and model == "scfoundation":
-        return XTrimoGene.from_scfoundation(checkpoint="cell", device=device)
-    if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if path.is_dir():
-            return XTrimoGene.load(path, device=device)
-        if path.is_file():
-            return XTrimoGene.from_scfoundation(path, checkpoint="cell", device=device)
-        raise FileNotFoundError(
-            f"model={str(model)!r} does not exist. Pass an XTrimoGene, a folder written by "
-            "XTrimoGene.save, the scFoundation 'models.ckpt' file, 'scfoundation' (the official "
-            "weights, downloaded) or None for the default model."
-        )
-    raise TypeError(f"model must be an XTrimoGene, a path or None, not {type(model).__name__}.")
+    return scxtrimo.model.resolve_model(model, device=device)
 
 
 def _mudata_class() -> type | tuple:
@@ -96,19 +58,6 @@ def copied_if(adata: AnnData | MuData, copy: bool) -> AnnData | MuData:
     return adata.copy()
 
 
-def setup_overrides(
-    layer: str | None,
-    gene_symbols_key: str | None,
-    gene_ids_key: str | None,
-    input_type: str | None,
-    total_counts_key: str | None,
-) -> dict[str, Any]:
-    """The caller's input settings, by name (``None``: as the model was set up)."""
-    return dict(
-        zip(SETUP_KEYS, (layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key))
-    )
-
-
 def record(target: AnnData, key_added: str, params: dict[str, Any]) -> None:
     """Write a tool's parameters to ``target.uns["scxtrimo"][key_added]``, with the version."""
     target.uns.setdefault("scxtrimo", {})[key_added] = {**params, "scxtrimo_version": __version__}
@@ -127,7 +76,7 @@ def start_tool(
     warnings point at the user's call.
     """
     adata = copied_if(adata, copy)
-    return adata, target_of(adata, mod), resolve_model(model, device=device)
+    return adata, target_of(adata, mod), load_model(model, device=device)
 
 
 def gene_columns(

@@ -8,17 +8,20 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from ._common import record, resolve_model, setup_overrides, start_tool
+from scxtrimo._docs import DOCS, doc_params
+from scxtrimo.inference import embed_prepared
+
+from ._common import record, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
 
     from scxtrimo.model import XTrimoGene
 
-# resolve_model lives with the shared preamble; tl and the tools import it from here too.
-__all__ = ["embed", "resolve_model"]
+__all__ = ["embed"]
 
 
+@doc_params(**DOCS)
 def embed(
     adata: AnnData | MuData,
     model: XTrimoGene | str | os.PathLike | None = None,
@@ -58,15 +61,7 @@ def embed(
         scxtrimo.
     key_added
         Key in ``.obsm`` (and in ``.uns["scxtrimo"]``).
-    layer
-        Layer with the input values; ``None`` uses ``.X`` (or what the model was set up with).
-    gene_symbols_key, gene_ids_key
-        ``var`` columns with gene symbols / Ensembl IDs; default ``var_names`` as symbols.
-    input_type
-        ``"counts"`` (default), ``"log1p"`` for log-normalised input, or ``"bulk"`` for bulk
-        profiles (official bulk mode: scaled to the median library size, ``T = S``).
-    total_counts_key
-        ``obs`` column of total counts (the read depth S) for log-normalised input.
+    {doc_input_settings}
     batch_size
         Maximum cells per batch; ``None`` lets ``max_tokens`` decide.
     max_tokens
@@ -110,12 +105,23 @@ def embed(
     >>> sc.pp.neighbors(adata, use_rep="X_scxtrimo")
     >>> sc.tl.umap(adata)
     """
-    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
     adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
-    prep = net.prepare_input(
-        target, target_depth=target_depth, max_genes=max_genes, invalid=invalid_cells, **overrides
+    settings = net.input_settings.merge(
+        layer=layer,
+        gene_symbols_key=gene_symbols_key,
+        gene_ids_key=gene_ids_key,
+        input_type=input_type,
+        total_counts_key=total_counts_key,
     )
-    emb = net._latent_from_prepared(
+    prep = net.prepare_input(
+        target,
+        input_settings=settings,
+        target_depth=target_depth,
+        max_genes=max_genes,
+        invalid=invalid_cells,
+    )
+    emb = embed_prepared(
+        net.module,
         prep,
         batch_size=batch_size,
         pooling=pooling,
@@ -131,7 +137,7 @@ def embed(
         "target_depth": prep.spec.target_depth.official(),
         "max_genes": prep.spec.max_genes,
         "input_type": prep.spec.input_type,
-        "layer": net.setup_args["layer"] if layer is None else layer,
+        "layer": settings.layer,
         "n_skipped_cells": int(prep.skipped.size),
         "embedding_width": int(emb.shape[1]),
         "gene_overlap": prep.mapping.summary(prep.stats.count_fraction),

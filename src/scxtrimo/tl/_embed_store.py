@@ -8,7 +8,8 @@ that is killed leaves the finished chunks and at most one chunk whose marker is 
 ``resume=True`` only chunks without a marker are computed. Memory depends on the chunk and
 batch sizes, never on the number of cells (only ``obs`` and the per-gene tables are held).
 
-The store and its layout are in ``tl/_store``, the per-chunk engine in ``tl/_chunks``.
+The store and its layout, the per-chunk engine and the multi-process pieces are in
+:mod:`scxtrimo.inference`; this room is the driver.
 
 With several processes (``devices > 1``, Lightning DDP), each rank embeds its share of the
 unfinished chunks and writes them through a prediction writer; chunks are aligned to the zarr
@@ -34,18 +35,18 @@ from anndata import AnnData
 from scxtrimo._settings import settings
 from scxtrimo._version import __version__
 from scxtrimo.data._sources import RowSource, open_source
-
-from ._chunks import DEFAULT_CHUNK_SIZE, _Engine
-from ._store import (
-    STORE_FORMAT,
-    STORE_VERSION,
-    _diff_keys,
-    _Store,
-    _write_h5ad,
+from scxtrimo.data._vocabulary import log_overlap
+from scxtrimo.inference import (
+    DEFAULT_CHUNK_SIZE,
+    ChunkEngine,
+    EmbeddingStore,
     input_fingerprint,
     leaf_sources,
     model_fingerprint,
 )
+from scxtrimo.inference._store import STORE_FORMAT, STORE_VERSION, diff_keys, write_h5ad
+
+from ._common import load_model
 
 if TYPE_CHECKING:
     from scxtrimo.model import XTrimoGene
@@ -55,8 +56,12 @@ logger = logging.getLogger("scxtrimo")
 _KILL_ENV = "SCXTRIMO_TEST_KILL_AFTER_CHUNKS"  # test hook: SIGKILL after N committed chunks
 
 
-class _StopForTest(RuntimeError):
-    """Raised by the ``_stop_after_chunks`` test hook (simulates an interrupted run)."""
+class _ProbeRecords(logging.Filter):
+    """Drops the probe's records: about its first 64 rows only, they would mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Skipping ") or " vocabulary genes, " in message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,17 +126,19 @@ def _probe(net: XTrimoGene, src: RowSource, model_layer: str | None, kwargs: dic
     probe = AnnData(X=block, obs=src.obs.iloc[:n].copy(), var=src.var.copy())
     if model_layer is not None:
         probe.layers[model_layer] = block
-    quiet = logging.getLogger("scxtrimo")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "skipping N cells" of the probe would be misleading
+    drop = _ProbeRecords()
+    loggers = [logger, logging.getLogger(log_overlap.__module__)]  # levels are left as they are
+    for each in loggers:
+        each.addFilter(drop)
     try:
         return net.prepare_input(probe, invalid="skip", **kwargs)
     finally:
-        quiet.setLevel(level)
+        for each in loggers:
+            each.removeFilter(drop)
 
 
 def embed_to_store(
-    input: Any,
+    source: Any,
     out: str | os.PathLike,
     model: XTrimoGene | str | os.PathLike | None = None,
     *,
@@ -161,7 +168,6 @@ def embed_to_store(
     X_name: str | None = None,
     obs_value_filter: str | None = None,
     progress_bar: bool | None = None,
-    _stop_after_chunks: int | None = None,
 ) -> Path:
     """Embed cells chunk by chunk into a ``.zarr`` store or an ``.h5ad`` file, resumably.
 
@@ -170,7 +176,7 @@ def embed_to_store(
 
     Parameters
     ----------
-    input
+    source
         An ``.h5ad`` path (read backed), an AnnData ``.zarr`` store, a TileDB-SOMA experiment
         (local path or URI; see ``measurement_name``, ``X_name``, ``obs_value_filter``), a list
         of ``.h5ad`` shards read one after the other (their genes may differ; each is mapped to
@@ -221,7 +227,7 @@ def embed_to_store(
     measurement_name, X_name, obs_value_filter
         For a TileDB-SOMA input; see :class:`~scxtrimo.data.SomaSource`.
     progress_bar
-        Show a progress bar over chunks (default ``scxtrimo.settings.progress_bar``).
+        Show a progress bar over the cells (default ``scxtrimo.settings.progress_bar``).
 
     Returns
     -------
@@ -244,8 +250,6 @@ def embed_to_store(
     >>> import anndata as ad
     >>> emb = ad.read_zarr("atlas_emb.zarr").obsm["X_scxtrimo"]
     """
-    from scxtrimo.tl import resolve_model
-
     out = Path(out)
     if out.suffix not in (".zarr", ".h5ad"):
         raise ValueError(f"out must end in .zarr or .h5ad, got {str(out)!r}.")
@@ -263,11 +267,11 @@ def embed_to_store(
         devices, accelerator = _check_devices(devices, accelerator, num_nodes)
         strategy = strategy or ("ddp" if external else "ddp_spawn")
     rank = _global_rank_env() if external else 0
-    store = _Store(
+    store = EmbeddingStore(
         out if out.suffix == ".zarr" else out.with_name(f".{out.name}.scxtrimo.zarr"), key_added
     )
 
-    for item in input if isinstance(input, list | tuple) else [input]:
+    for item in source if isinstance(source, list | tuple) else [source]:
         if isinstance(item, str | os.PathLike) and Path(item).resolve() == out.resolve():
             raise ValueError(
                 "The output must not be the input; scxtrimo never overwrites its input."
@@ -283,8 +287,9 @@ def embed_to_store(
             )
 
     # 2. Model, input and every check that does not need the whole data.
-    net = resolve_model(model, device=device)
-    input_kind_h5ad = isinstance(input, str | os.PathLike) and str(input).endswith(".h5ad")
+    net = load_model(model, device=device)
+    input_kind_h5ad = isinstance(source, str | os.PathLike) and str(source).endswith(".h5ad")
+    given = source
     soma_kwargs = {}
     if measurement_name != "RNA" or X_name is not None or obs_value_filter is not None:
         soma_kwargs = {
@@ -292,29 +297,39 @@ def embed_to_store(
             "X_name": X_name,
             "obs_value_filter": obs_value_filter,
         }
-    source = open_source(input, layer=layer, **soma_kwargs)
+    source = open_source(given, layer=layer, **soma_kwargs)
     leaves = leaf_sources(source)
     n_obs = int(source.shape[0])
     if n_obs == 0:
         raise ValueError(f"{source.name} has no cells.")
-    setup = net.setup_args
+    # The source reads ``layer`` itself; the probe AnnData carries its rows where the model
+    # reads them (X, or the model's layer).
+    settings = net.input_settings.merge(
+        gene_symbols_key=gene_symbols_key,
+        gene_ids_key=gene_ids_key,
+        input_type=input_type,
+        total_counts_key=total_counts_key,
+    )
     kwargs = {
         "target_depth": target_depth,
         "max_genes": max_genes,
         "min_overlap": min_overlap,
-        "gene_symbols_key": gene_symbols_key,
-        "gene_ids_key": gene_ids_key,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
+        "input_settings": settings,
     }
-    tc_key = total_counts_key or setup.get("total_counts_key")
-    model_layer = setup.get("layer")
+    tc_key = settings.total_counts_key
+    model_layer = settings.layer
     preps = []
     for src in leaves:
         try:
             preps.append(_probe(net, src, model_layer, kwargs))
         except (ValueError, KeyError) as err:
             raise type(err)(f"{src.name}: {err}") from err
+    for src, prep in zip(leaves, preps, strict=True):
+        m = prep.mapping  # logged as tl.embed logs it, without the probe's share of counts
+        logger.info(
+            "%s: %d of %d genes map to %d of %d vocabulary genes.",
+            src.name, m.n_matched_columns, m.n_vars, m.n_vocab_genes, m.n_vocab,
+        )  # fmt: skip
     spec = preps[0].spec
     if spec.input_type == "bulk":
         raise ValueError(
@@ -338,7 +353,7 @@ def embed_to_store(
     fingerprint = {
         "format": STORE_FORMAT,
         "version": STORE_VERSION,
-        "model": model_fingerprint(net),
+        "model": model_fingerprint(net.module, getattr(net, "source_", None)),
         "input": input_fingerprint(source),
         "params": params,
         "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
@@ -359,7 +374,7 @@ def embed_to_store(
             found = store.read_fingerprint()
             if chunk_size is None:
                 fingerprint["chunk_size"] = found.get("chunk_size")
-            differ = _diff_keys(
+            differ = diff_keys(
                 {k: found.get(k) for k in ("format", "model", "input", "params", "chunk_size")},
                 {k: fingerprint[k] for k in ("format", "model", "input", "params", "chunk_size")},
             )
@@ -384,7 +399,7 @@ def embed_to_store(
         fingerprint["chunk_size"] = store.read_fingerprint().get("chunk_size")
 
     chunk = int(fingerprint["chunk_size"])
-    engine = _Engine(
+    engine = ChunkEngine(
         module=net.module,
         n_genes=net.config.n_genes,
         width=width,
@@ -411,7 +426,9 @@ def embed_to_store(
     # 4. The work.
     if pending:
         if multi:
-            _predict_distributed(
+            from scxtrimo.inference import predict_chunks  # loads Lightning
+
+            predict_chunks(
                 engine, store, pending, devices=devices, accelerator=accelerator,
                 strategy=strategy, num_nodes=num_nodes,
             )  # fmt: skip
@@ -424,7 +441,7 @@ def embed_to_store(
                 if device is not None
                 else next(net.module.parameters()).device
             )
-            _embed_local(engine, store, pending, dev, progress_bar, _stop_after_chunks)
+            _embed_local(engine, store, pending, dev, progress_bar)
 
     # 5. Finish: the report, then the h5ad if asked for.
     if rank != 0:
@@ -458,36 +475,37 @@ def embed_to_store(
         copy = input_kind_h5ad and len(leaves) == 1 if copy_input is None else copy_input
         if copy and not (input_kind_h5ad and len(leaves) == 1):
             raise ValueError("copy_input=True needs a single .h5ad input.")
-        _write_h5ad(store, out, report, Path(input) if copy else None)
+        write_h5ad(store, out, report, Path(given) if copy else None)
         store.remove()
     logger.info("Wrote %s (obsm[%r], %d x %d).", out, key_added, n_obs, width)
     return out
 
 
 def _embed_local(
-    engine: _Engine,
-    store: _Store,
+    engine: ChunkEngine,
+    store: EmbeddingStore,
     pending: list[int],
     device: torch.device,
     progress_bar: bool | None,
-    stop_after: int | None,
 ) -> None:
+    """Embed and commit the ``pending`` chunks in this process; the bar counts cells."""
     from tqdm.auto import tqdm
 
     show = settings.progress_bar if progress_bar is None else progress_bar
     kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
     run_id = uuid.uuid4().hex
-    for i, k in enumerate(tqdm(pending, desc="Embedding chunks", unit="chunk", disable=not show)):
-        emb, n_skipped = engine.embed_chunk(k, device)
-        start, _ = engine.chunk_rows(k)
-        store.write_chunk(k, start, emb, {"n_skipped": n_skipped, "run": run_id, "rank": 0})
-        if kill_after and i + 1 >= kill_after:  # test hook: a real, unclean kill
-            os.kill(os.getpid(), signal.SIGKILL)
-        if stop_after is not None and i + 1 >= stop_after:
-            raise _StopForTest(f"stopped after {i + 1} chunks (test hook)")
+    n_cells = sum(stop - start for start, stop in map(engine.chunk_rows, pending))
+    with tqdm(total=n_cells, desc="Embedding cells", unit="cell", disable=not show) as bar:
+        for i, k in enumerate(pending):
+            emb, n_skipped = engine.embed_chunk(k, device)
+            start, _ = engine.chunk_rows(k)
+            store.write_chunk(k, start, emb, {"n_skipped": n_skipped, "run": run_id, "rank": 0})
+            bar.update(emb.shape[0])
+            if kill_after and i + 1 >= kill_after:  # test hook: a real, unclean kill
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _wait_for_chunks(store: _Store, n_chunks: int, timeout: float = 600.0) -> None:
+def _wait_for_chunks(store: EmbeddingStore, n_chunks: int, timeout: float = 600.0) -> None:
     """Rank 0 of an externally launched run: wait until every rank's chunks are committed."""
     deadline = time.time() + timeout
     while len(store.done_chunks()) < n_chunks:
@@ -496,42 +514,3 @@ def _wait_for_chunks(store: _Store, n_chunks: int, timeout: float = 600.0) -> No
                 f"Only {len(store.done_chunks())} of {n_chunks} chunks were written."
             )
         time.sleep(0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Several processes: Lightning prediction with a writer into the store
-# ---------------------------------------------------------------------------------------------
-
-
-def _predict_distributed(
-    engine: _Engine,
-    store: _Store,
-    pending: list[int],
-    *,
-    devices: int,
-    accelerator: str,
-    strategy: str,
-    num_nodes: int,
-) -> None:
-    import lightning.pytorch as pl
-
-    from ._embed_distributed import ChunkDataModule, ChunkEmbedder, StoreWriter
-
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        callbacks=[StoreWriter(store.path, store.key)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=True,
-    )
-    trainer.predict(
-        ChunkEmbedder(engine),
-        datamodule=ChunkDataModule(pending),
-        return_predictions=False,
-    )

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from anndata import AnnData
 
-from ._common import gene_columns, record, setup_overrides, start_tool
+from scxtrimo._docs import DOCS, doc_params
+from scxtrimo.inference import iter_decoder
+
+from ._common import gene_columns, record, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
     from scxtrimo.model import XTrimoGene
 
 
+@doc_params(**DOCS)
 def enhance(
     adata: AnnData | MuData,
     model: XTrimoGene | str | os.PathLike | None = None,
@@ -69,8 +73,7 @@ def enhance(
         Layer to write.
     batch_size
         Cells per decoder pass (memory bound).
-    layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key
-        How to read the cells; see :func:`scxtrimo.tl.embed`.
+    {doc_input_settings}
     invalid_cells
         Cells with fewer than 2 in-vocabulary counts: ``"raise"`` or ``"skip"`` (NaN rows).
     dtype
@@ -106,10 +109,18 @@ def enhance(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    overrides = setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key)
     adata, target, net = start_tool(adata, model, mod=mod, copy=copy, device=device)
+    settings = net.input_settings.merge(
+        layer=layer,
+        gene_symbols_key=gene_symbols_key,
+        gene_ids_key=gene_ids_key,
+        input_type=input_type,
+        total_counts_key=total_counts_key,
+    )
     # Validate everything (genes, cells) before the long decoder run.
-    prep = net.prepare_input(target, target_depth=target_depth, invalid=invalid_cells, **overrides)
+    prep = net.prepare_input(
+        target, input_settings=settings, target_depth=target_depth, invalid=invalid_cells
+    )
     cols, unmapped = gene_columns(target, prep.mapping.col_to_vocab, genes)
     outside = [str(name) for name in target.var_names[unmapped]]
     from scxtrimo.data._vocabulary import load_vocabulary
@@ -118,16 +129,14 @@ def enhance(
     vocab_ids, position = np.unique(prep.mapping.col_to_vocab[cols], return_inverse=True)
     result = np.full(target.shape, np.nan, dtype=dtype)
     if cols.size and prep.cells.size:
-        chunks = net._iter_decoder(
-            target,
-            prep.cells,
+        chunks = iter_decoder(
+            net.module,
+            prep,
             output="expression",
             genes=list(vocab.symbols[vocab_ids]),
             batch_size=batch_size,
-            target_depth=target_depth,
             device=device,
             progress_bar=progress_bar,
-            prep=prep,
         )
         for cells, values in chunks:
             result[np.ix_(cells, cols)] = values[:, position]

@@ -459,10 +459,9 @@ def _representation(
     if use_rep in adata.obsm:
         rep = np.asarray(adata.obsm[use_rep], dtype=np.float64)[rows]
         return rep, f"precomputed .obsm[{use_rep!r}]"
-    # The public name, looked up when used: where tl keeps it internally may change.
-    from scxtrimo import tl
+    from ._common import load_model
 
-    net = tl.resolve_model(model, device=device)
+    net = load_model(model, device=device)
     rep = net.get_latent_representation(
         adata,
         indices=rows,

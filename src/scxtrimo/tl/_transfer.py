@@ -9,7 +9,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ._common import SETUP_KEYS, copied_if, record, resolve_model, setup_overrides, target_of
+from scxtrimo._docs import DOCS, doc_params
+from scxtrimo.inference import embed_prepared
+from scxtrimo.metrics import knn_vote
+
+from ._common import copied_if, load_model, record, target_of
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -26,93 +30,6 @@ def _reference_labels(reference: AnnData, labels_key: str) -> pd.Series:
     return reference.obs[labels_key]
 
 
-def _class_order(labels: pd.Series) -> list:
-    """The classes of ``labels``: its categories (in order) if categorical, else sorted."""
-    present = labels.dropna()
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        used = set(present.unique())
-        return [c for c in labels.cat.categories if c in used]
-    return sorted(present.unique().tolist(), key=str)
-
-
-def knn_vote(
-    query: np.ndarray,
-    reference: np.ndarray,
-    labels: pd.Series | np.ndarray,
-    *,
-    k: int = 15,
-    weights: Literal["distance", "uniform"] = "distance",
-    metric: str = "euclidean",
-) -> tuple[list, np.ndarray]:
-    """Class vote shares of each query cell among its ``k`` nearest reference cells.
-
-    Parameters
-    ----------
-    query
-        Query embedding, cells x dimensions; rows with NaN get NaN shares.
-    reference
-        Reference embedding; rows with NaN or a missing label are left out.
-    labels
-        One label per reference row.
-    k
-        Neighbours (at most the number of usable reference cells).
-    weights
-        ``"distance"``: each neighbour votes with ``1 / (distance + eps)`` (``eps`` = 1e-6 of
-        the median neighbour distance, so duplicates do not divide by zero); ``"uniform"``:
-        one vote each.
-    metric
-        Distance of :class:`sklearn.neighbors.NearestNeighbors` (``"euclidean"``,
-        ``"cosine"``...).
-
-    Returns
-    -------
-    classes
-        The classes, in column order.
-    shares
-        ``float64`` array ``[query cells, classes]``; each finite row sums to 1.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    if weights not in ("distance", "uniform"):
-        raise ValueError(f"weights must be 'distance' or 'uniform', not {weights!r}.")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
-    labels = (
-        pd.Series(np.asarray(labels, dtype=object)) if not isinstance(labels, pd.Series) else labels
-    )
-    labels = labels.reset_index(drop=True)
-    query = np.asarray(query, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"Query and reference embeddings must be 2-D with the same width; got "
-            f"{query.shape} and {reference.shape}."
-        )
-    usable = np.isfinite(reference).all(axis=1) & labels.notna().to_numpy()
-    if not usable.any():
-        raise ValueError("The reference has no cell with both a finite embedding and a label.")
-    classes = _class_order(labels[usable])
-    codes = pd.Categorical(labels[usable], categories=classes).codes
-    ref = reference[usable]
-    n_neighbors = min(int(k), ref.shape[0])
-    shares = np.full((query.shape[0], len(classes)), np.nan)
-    finite = np.isfinite(query).all(axis=1)
-    if finite.any():
-        nn = NearestNeighbors(n_neighbors=n_neighbors, metric=metric).fit(ref)
-        dist, ind = nn.kneighbors(query[finite])
-        if weights == "distance":
-            positive = dist[dist > 0]
-            eps = 1e-6 * (np.median(positive) if positive.size else 1.0)
-            w = 1.0 / (dist + eps)
-        else:
-            w = np.ones_like(dist)
-        votes = np.zeros((ind.shape[0], len(classes)))
-        rows = np.repeat(np.arange(ind.shape[0]), ind.shape[1])
-        np.add.at(votes, (rows, codes[ind].ravel()), w.ravel())
-        shares[finite] = votes / votes.sum(axis=1, keepdims=True)
-    return classes, shares
-
-
 def _embeddings(
     query: AnnData,
     reference: AnnData,
@@ -124,17 +41,19 @@ def _embeddings(
     """Query and reference embeddings: ``.obsm[use_rep]`` of both, or computed by one model."""
     if use_rep in query.obsm and use_rep in reference.obsm:
         return np.asarray(query.obsm[use_rep]), np.asarray(reference.obsm[use_rep]), use_rep
-    net = resolve_model(model, device=embed_kwargs.get("device"))
+    net = load_model(model, device=embed_kwargs.get("device"))
+    settings = net.input_settings.merge(**embed_kwargs.get("input", {}))
     out = []
     for data in (query, reference):
         prep = net.prepare_input(
             data,
             target_depth=embed_kwargs.get("target_depth"),
             invalid=embed_kwargs.get("invalid_cells", "raise"),
-            **{k: embed_kwargs.get(k) for k in SETUP_KEYS},
+            input_settings=settings,
         )
         out.append(
-            net._latent_from_prepared(
+            embed_prepared(
+                net.module,
                 prep,
                 batch_size=embed_kwargs.get("batch_size"),
                 device=embed_kwargs.get("device"),
@@ -144,6 +63,7 @@ def _embeddings(
     return out[0], out[1], f"computed with {net.source_}"
 
 
+@doc_params(**DOCS)
 def transfer_labels(
     query: AnnData | MuData,
     reference: AnnData | MuData,
@@ -197,12 +117,13 @@ def transfer_labels(
         ``query.obs`` column for the labels; default ``f"{labels_key}_transferred"``.
     weights
         ``"distance"`` (inverse-distance votes) or ``"uniform"``; see
-        :func:`~scxtrimo.tl.knn_vote`.
+        :func:`~scxtrimo.metrics.knn_vote`.
     metric
         Distance for the neighbour search.
-    layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key, target_depth, batch_size, invalid_cells
-        How to embed, when embedding here (same for both objects); see
-        :func:`scxtrimo.tl.embed`.
+    {doc_input_settings}
+    target_depth, batch_size, invalid_cells
+        How to embed, when embedding here (the input settings too: the same for both
+        objects); see :func:`scxtrimo.tl.embed`.
     mod
         Modality of a MuData query / reference.
     device, progress_bar
@@ -239,7 +160,13 @@ def transfer_labels(
         model=model,
         use_rep=use_rep,
         embed_kwargs={
-            **setup_overrides(layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key),
+            "input": {
+                "layer": layer,
+                "gene_symbols_key": gene_symbols_key,
+                "gene_ids_key": gene_ids_key,
+                "input_type": input_type,
+                "total_counts_key": total_counts_key,
+            },
             "target_depth": target_depth,
             "batch_size": batch_size,
             "invalid_cells": invalid_cells,

@@ -8,10 +8,12 @@ from ._finetune import (
     FinetuningTrainingPlan,
     finetune_plan,
     freeze_for_finetuning,
+    run_finetuning,
 )
 from ._gene_bias import expected_masked_values
 from ._plan import XTrimoGeneTrainingPlan
-from ._pretrain import build_corpus
+from ._pretrain import build_corpus, run_pretraining
+from ._settings import PretrainingObjective, TrainingResult, TrainingSettings
 from ._source_corpus import part_from_source
 
 __all__ = [
@@ -22,6 +24,9 @@ __all__ = [
     "PretrainingCorpus",
     "PretrainingDataModule",
     "PretrainingDataset",
+    "PretrainingObjective",
+    "TrainingResult",
+    "TrainingSettings",
     "XTrimoGeneTrainingPlan",
     "build_corpus",
     "expected_masked_values",
@@ -29,4 +34,6 @@ __all__ = [
     "freeze_for_finetuning",
     "info_nce",
     "part_from_source",
+    "run_finetuning",
+    "run_pretraining",
 ]

@@ -8,7 +8,6 @@ never runs.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,8 +18,10 @@ from torch.utils.data import Dataset
 
 from scxtrimo.data._matrix import as_row_accessible
 from scxtrimo.data._tokens import InputSpec, TokenIndex, inference_batch
+from scxtrimo.inference import PreparedInput, embed_prepared
 
 from ._plan import XTrimoGeneTrainingPlan
+from ._settings import Fit, TrainingResult, TrainingSettings
 
 if TYPE_CHECKING:
     from scxtrimo.module import XTrimoGeneModule
@@ -290,89 +291,73 @@ def _from_standardised(head: torch.nn.Linear, mean: np.ndarray, sd: np.ndarray) 
     head.bias.copy_(b - w_raw @ m)
 
 
-def registered_label_codes(model: Any, categories: Sequence[Any]) -> np.ndarray:
-    """Class index (into ``categories``) of every cell of the model's registered AnnData.
-
-    Cells whose label is missing get ``-1``; labels outside ``categories`` raise an error.
-    """
-    from scvi import REGISTRY_KEYS
-
-    manager = model.adata_manager
-    state = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
-    registered = list(state.categorical_mapping)
-    codes = np.asarray(manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).reshape(-1)
-    position = {c: i for i, c in enumerate(categories)}
-    unknown = [c for c in registered if c not in position]
-    present = np.unique(codes[codes >= 0])
-    unknown_present = [registered[int(i)] for i in present if registered[int(i)] in unknown]
-    if unknown_present:
-        raise ValueError(
-            f"Labels {unknown_present[:5]} are not classes of the model's classification head "
-            f"({list(categories)[:10]}); attach a fresh head with model.add_classifier(adata, "
-            "labels_key=...)."
-        )
-    lookup = np.array([position.get(c, -1) for c in registered], dtype=np.int64)
-    out = np.full(codes.shape, -1, dtype=np.int64)
-    valid = codes >= 0
-    out[valid] = lookup[codes[valid].astype(np.int64)]
-    return out
-
-
 def run_finetuning(
-    model: Any,
+    module: XTrimoGeneModule,
+    prep: PreparedInput,
+    labels: np.ndarray,
+    settings: TrainingSettings,
     *,
     mode: FinetuneMode,
     n_last_layers: int,
-    max_epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    warmup_steps: int | None,
-    train_size: float,
-    max_genes: int | None,
-    seed: int,
-    accelerator: str,
-    devices: Any,
-    precision: Any,
-    gradient_clip_val: float,
-    num_workers: int,
-    invalid_cells: str,
-    plan_kwargs: dict | None,
-    trainer_kwargs: dict,
-):
-    """Fine-tune ``model`` (an :class:`~scxtrimo.model.XTrimoGene`) for its registered labels.
+    fit: Fit,
+) -> TrainingResult:
+    """Fine-tune ``module``'s classification head (and more, by ``mode``) for ``labels``.
 
     Called by :meth:`~scxtrimo.model.XTrimoGene.train` with ``finetune=...``; see there.
     With ``mode="head"`` the frozen encoder's cell embeddings are computed once (the encoder
     runs without dropout, so they would be identical every epoch) and the head is trained on
     them, standardised per feature (the head is folded back to act on the raw embedding):
     epochs then cost almost nothing and the scale of the features does not matter.
+
+    Parameters
+    ----------
+    module
+        The network, with a classification head; trained in place.
+    prep
+        The checked training cells (:func:`~scxtrimo.inference.prepare_input`).
+    labels
+        Class index of every row of the AnnData (``-1``: no label, not trained on).
+    settings
+        The run's settings.
+    mode
+        ``"head"``, ``"last_layers"`` or ``"full"``.
+    n_last_layers
+        Encoder layers trained with ``mode="last_layers"``.
+    fit
+        Runs Lightning over the plan and data module (the model's train runner).
+
+    Returns
+    -------
+    The run's arguments, the runner's output and what to record about the head.
     """
-    from scxtrimo._settings import settings
+    from scxtrimo._settings import settings as package_settings
 
     from ._datamodule import PretrainingDataModule
-    from ._pretrain import fit, trainer_defaults
+    from ._pretrain import trainer_defaults
 
-    module = model.module
-    if module.classifier is None or not model.classifier_:
+    s = settings
+    if module.classifier is None:
         raise ValueError(
             "Fine-tuning needs labels: XTrimoGene.setup_anndata(adata, labels_key=...) before "
             "creating the model, or model.add_classifier(adata, labels_key=...) for a "
             "pretrained or loaded model."
         )
-    categories = model.classifier_["categories"]
-    labels = registered_label_codes(model, categories)
     trainable, frozen = finetune_plan(module, mode, n_last_layers)
-    prep = model.prepare_input(model.adata, invalid=invalid_cells, max_genes=max_genes)
     cells = prep.cells[labels[prep.cells] >= 0]
     if len(cells) < 2:
         raise ValueError("Fine-tuning needs at least 2 labelled, valid cells.")
+    trainer_kwargs = dict(s.trainer_kwargs)
+    if s.strategy is not None:
+        trainer_kwargs["strategy"] = s.strategy
+    if s.num_nodes is not None:
+        trainer_kwargs["num_nodes"] = s.num_nodes
     if mode == "head":
         # The frozen encoder runs without dropout, so its embeddings are the same every epoch:
         # compute them once (length-bucketed inference) and train the head on them.
-        z = model._latent_from_prepared(
-            dataclasses.replace(prep, cells=cells),
-            progress_bar=trainer_kwargs.get("enable_progress_bar", settings.progress_bar),
+        z = embed_prepared(
+            module,
+            prep.with_cells(cells),
+            progress_bar=trainer_kwargs.get("enable_progress_bar", package_settings.progress_bar),
         )
         # Train in standardised coordinates (like StandardScaler + logistic regression), so
         # that the optimiser does not depend on the scale of each embedding feature; the head
@@ -385,7 +370,7 @@ def run_finetuning(
             prep.matrix,
             prep.mapping.col_to_vocab,
             prep.spec,
-            TokenIndex(model.config.n_genes),
+            TokenIndex(module.config.n_genes),
             labels,
             prep.total_counts,
         )
@@ -393,76 +378,64 @@ def run_finetuning(
         dataset,
         prep.stats.n_tokens,
         cells,
-        batch_size=batch_size,
-        train_size=train_size,
-        seed=seed,
-        num_workers=num_workers,
-        pin_memory=accelerator in ("gpu", "cuda")
-        or (accelerator == "auto" and torch.cuda.is_available()),
+        batch_size=s.batch_size,
+        train_size=s.train_size,
+        seed=s.seed,
+        num_workers=s.num_workers,
+        pin_memory=s.accelerator in ("gpu", "cuda")
+        or (s.accelerator == "auto" and torch.cuda.is_available()),
     )
     plan = FinetuningTrainingPlan(
         module,
         frozen_modules=frozen,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        **(plan_kwargs or {}),
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_steps=s.warmup_steps,
+        **(s.plan_kwargs or {}),
     )
     trainer_kwargs = trainer_defaults(
-        trainer_kwargs, gradient_clip_val=gradient_clip_val, precision=precision
+        trainer_kwargs, gradient_clip_val=s.gradient_clip_val, precision=s.precision
     )
-    previous = getattr(model, "training_args_", None) or {}
-    if previous.get("finetune") is None:
-        # The history of a pretraining run holds other metrics: start a fresh one.
-        model.history_ = None
-        was_trained, model.is_trained_ = model.is_trained_, False
-    else:
-        was_trained = model.is_trained_
     keep = set(trainable)
     saved_flags = {name: p.requires_grad for name, p in module.named_parameters()}
     for name, param in module.named_parameters():
         param.requires_grad_(name in keep)
-    torch.manual_seed(seed)
+    torch.manual_seed(s.seed)
     module.train()
     try:
         out = fit(
-            model,
             plan,
             datamodule,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
+            max_epochs=s.max_epochs,
+            accelerator=s.accelerator,
+            devices=s.devices,
             trainer_kwargs=trainer_kwargs,
         )
-    except BaseException:
-        model.is_trained_ = was_trained
-        raise
     finally:
         if mode == "head":
             _from_standardised(module.classifier, *scaling)
         for name, param in module.named_parameters():
             param.requires_grad_(saved_flags[name])
         module.eval()
-    model.classifier_ = {
-        **model.classifier_,
+    classifier = {
         "trained": True,
         "finetune": mode,
         "n_last_layers": int(n_last_layers) if mode == "last_layers" else None,
-        "max_genes": max_genes,
+        "max_genes": s.max_genes,
     }
-    model.training_args_ = {
+    training_args = {
         "finetune": mode,
         "n_last_layers": int(n_last_layers),
-        "max_epochs": max_epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "train_size": train_size,
-        "max_genes": max_genes,
-        "seed": seed,
+        "max_epochs": s.max_epochs,
+        "batch_size": s.batch_size,
+        "lr": s.lr,
+        "weight_decay": s.weight_decay,
+        "train_size": s.train_size,
+        "max_genes": s.max_genes,
+        "seed": s.seed,
         "n_cells": len(cells),
         "trainable_parameters": int(
             sum(p.numel() for n, p in module.named_parameters() if n in keep)
         ),
     }
-    return out
+    return TrainingResult(training_args, output=out, classifier=classifier)

@@ -11,14 +11,19 @@ import numpy as np
 import torch
 
 from scxtrimo.data._tokens import MaskingSpec, TokenIndex
+from scxtrimo.inference import InputSettings, prepare_input
 
 from ._corpus import CorpusPart, PretrainingCorpus
 from ._datamodule import PretrainingDataModule, PretrainingDataset
 from ._gene_bias import expected_masked_values
+from ._plan import XTrimoGeneTrainingPlan
+from ._settings import Fit, PretrainingObjective, TrainingResult, TrainingSettings
 from ._source_corpus import as_row_source, parts_from_source
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+    from scxtrimo.module import XTrimoGeneModule
 
 #: The second (contrastive) view: always down-sampled, independent masks.
 DEFAULT_VIEW_MASKING = MaskingSpec(downsample_prob=1.0)
@@ -56,36 +61,6 @@ def trainer_defaults(
     return out
 
 
-def fit(
-    model: Any,
-    plan: Any,
-    datamodule: Any,
-    *,
-    max_epochs: int,
-    accelerator: str,
-    devices: Any,
-    trainer_kwargs: dict[str, Any],
-) -> Any:
-    """Run the model's scvi-tools train runner over ``plan`` and ``datamodule``.
-
-    Shared by pretraining and fine-tuning. The history is kept as plain floats afterwards
-    (Lightning logs 0-d tensors), for JSON and plotting.
-    """
-    runner = model._train_runner_cls(
-        model,
-        training_plan=plan,
-        data_splitter=datamodule,
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        **trainer_kwargs,
-    )
-    out = runner()
-    if model.history_:
-        model.history_ = {k: v.astype(float) for k, v in model.history_.items()}
-    return out
-
-
 def _source_name(source: Any, position: int) -> str:
     if isinstance(source, str | os.PathLike):
         return str(source)
@@ -114,9 +89,10 @@ def _open_source(source: Any, name: str) -> AnnData:
 
 
 def build_corpus(
-    model: Any,
+    module: XTrimoGeneModule,
     sources: Sequence[Any],
     *,
+    input_settings: InputSettings | None = None,
     max_genes: int | None,
     invalid_cells: str = "skip",
 ) -> PretrainingCorpus:
@@ -124,9 +100,8 @@ def build_corpus(
 
     Parameters
     ----------
-    model
-        The :class:`~scxtrimo.model.XTrimoGene` to train (its set-up arguments say how to read
-        the studies; its vocabulary maps their genes).
+    module
+        The network to train (``model.module``); its vocabulary maps the studies' genes.
     sources
         Each with its own gene set and raw counts: AnnData objects (in memory or backed; views
         of held-out splits are fine), ``.h5ad`` paths (read backed), or inputs streamed in row
@@ -136,6 +111,9 @@ def build_corpus(
         :class:`~scxtrimo.data.ConcatSource`...), the path or URI of a TileDB-SOMA experiment,
         an AnnData ``.zarr`` store, or a list of such inputs (shards: one study if they share
         their genes, else one study each).
+    input_settings
+        How to read the studies (the model's :attr:`~scxtrimo.model.XTrimoGene.input_settings`;
+        raw counts); ``None``: the defaults.
     max_genes
         Gene-token cap of the run (``None``: all).
     invalid_cells
@@ -153,7 +131,8 @@ def build_corpus(
         sources = [sources]
     if len(sources) == 0:
         raise ValueError("The pretraining corpus is empty; pass AnnData objects or .h5ad paths.")
-    if model.setup_args["input_type"] != "counts":
+    settings = input_settings or InputSettings()
+    if settings.input_type != "counts":
         raise ValueError(
             "Pretraining needs raw counts (down-sampling and depth tokens are computed from "
             "them); set the model up with input_type='counts'."
@@ -161,10 +140,10 @@ def build_corpus(
     parts = []
     for position, source in enumerate(sources):
         name = _source_name(source, position)
-        row_source = as_row_source(source, name, layer=model.setup_args.get("layer"))
+        row_source = as_row_source(source, name, layer=settings.layer)
         if row_source is not None:  # SOMA, .zarr, shards, row sources: streamed in row chunks
             kw = {"max_genes": max_genes, "invalid_cells": invalid_cells}
-            parts.extend(parts_from_source(model, row_source, name, **kw))
+            parts.extend(parts_from_source(module, row_source, name, input_settings=settings, **kw))
             continue
         adata = _open_source(source, name)
         if adata.n_obs == 0 or adata.n_vars == 0:
@@ -173,8 +152,12 @@ def build_corpus(
                 f"{adata.n_vars} genes)."
             )
         try:
-            prep = model.prepare_input(
-                adata, invalid=invalid_cells, max_genes="all" if max_genes is None else max_genes
+            prep = prepare_input(
+                adata,
+                settings,
+                n_genes=module.config.n_genes,
+                invalid=invalid_cells,
+                max_genes="all" if max_genes is None else max_genes,
             )
         except (ValueError, KeyError) as err:
             message = err.args[0] if err.args else str(err)
@@ -186,7 +169,7 @@ def build_corpus(
                 name, prep.matrix, prep.mapping.col_to_vocab, prep.cells, prep.stats.n_tokens
             )
         )
-    return PretrainingCorpus(parts, model.config.n_genes)
+    return PretrainingCorpus(parts, module.config.n_genes)
 
 
 def corpus_gene_bias(
@@ -214,116 +197,119 @@ def corpus_gene_bias(
 
 
 def run_pretraining(
-    model: Any,
-    sources: Sequence[Any],
+    module: XTrimoGeneModule,
+    corpus: PretrainingCorpus,
+    settings: TrainingSettings,
+    objective: PretrainingObjective,
     *,
-    max_epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    warmup_steps: int | None,
-    train_size: float,
-    masking: MaskingSpec,
-    view_masking: MaskingSpec | None,
-    contrastive_weight: float,
-    temperature: float,
-    max_genes: int | None,
-    seed: int,
-    accelerator: str,
-    devices: Any,
-    strategy: Any,
-    num_nodes: int | None,
-    precision: Any,
-    gradient_clip_val: float,
-    num_workers: int,
-    invalid_cells: str,
-    drop_last: bool,
-    plan_kwargs: dict | None,
-    trainer_kwargs: dict,
-):
-    """Pretrain ``model`` on a corpus; called by :meth:`~scxtrimo.model.XTrimoGene.train`.
+    fit: Fit,
+    init_expression_bias: bool = False,
+    plan_cls: type = XTrimoGeneTrainingPlan,
+) -> TrainingResult:
+    """Pretrain ``module`` on a checked ``corpus`` (from :func:`build_corpus`).
 
-    The objective: masked regression of the full-depth cell from a (randomly) down-sampled
-    view (scFoundation's read-depth-aware task), plus ``contrastive_weight`` x InfoNCE between
-    the pooled embeddings of that view and a second, independently down-sampled and masked
-    view of the same cell (off when ``contrastive_weight == 0``).
+    Called by :meth:`~scxtrimo.model.XTrimoGene.train`. The objective: masked regression of the
+    full-depth cell from a (randomly) down-sampled view (scFoundation's read-depth-aware task),
+    plus ``contrastive_weight`` x InfoNCE between the pooled embeddings of that view and a
+    second, independently down-sampled and masked view of the same cell (off when
+    ``contrastive_weight == 0``).
+
+    Parameters
+    ----------
+    module
+        The network to train, in place.
+    corpus
+        The studies, checked.
+    settings
+        The run's settings.
+    objective
+        What the run optimises.
+    fit
+        Runs Lightning over the plan and data module (the model's train runner).
+    init_expression_bias
+        Start the decoder's expression bias at each gene's expected masked value (a fresh
+        model), so its steps go into learning what a cell's context adds.
+    plan_cls
+        The training plan.
+
+    Returns
+    -------
+    The run's arguments, the runner's output and the gene cap to use at inference.
     """
-    corpus = build_corpus(model, sources, max_genes=max_genes, invalid_cells=invalid_cells)
     if len(corpus.cells) < 2:
         raise ValueError("Training needs at least 2 valid cells.")
-    use_views = contrastive_weight > 0
+    s = settings
+    masking = objective.masking
+    use_views = objective.contrastive_weight > 0
     dataset = PretrainingDataset(
         corpus,
-        TokenIndex(model.config.n_genes),
+        TokenIndex(module.config.n_genes),
         masking,
-        seed=seed,
-        max_genes=max_genes,
-        view_masking=(view_masking or DEFAULT_VIEW_MASKING) if use_views else None,
+        seed=s.seed,
+        max_genes=s.max_genes,
+        view_masking=(objective.view_masking or DEFAULT_VIEW_MASKING) if use_views else None,
     )
     datamodule = PretrainingDataModule(
         dataset,
         corpus.n_tokens,
         corpus.cells,
-        batch_size=batch_size,
-        train_size=train_size,
-        seed=seed,
-        num_workers=num_workers,
-        pin_memory=accelerator in ("gpu", "cuda")
-        or (accelerator == "auto" and torch.cuda.is_available()),
+        batch_size=s.batch_size,
+        train_size=s.train_size,
+        seed=s.seed,
+        num_workers=s.num_workers,
+        pin_memory=s.accelerator in ("gpu", "cuda")
+        or (s.accelerator == "auto" and torch.cuda.is_available()),
         groups=corpus.part_of(np.arange(corpus.n_cells)),
-        drop_last=drop_last,
+        drop_last=s.drop_last,
     )
-    module = model.module
-    if module.expression_bias is not None and not model.is_trained_:
-        # A fresh model starts predicting each gene's expected masked value (training cells
-        # only), so its steps go into learning what a cell's context adds.
+    if module.expression_bias is not None and init_expression_bias:
         start = corpus_gene_bias(corpus, datamodule.train_idx, masking)
         with torch.no_grad():
             module.expression_bias.copy_(torch.from_numpy(start))
-    plan_kwargs = {"cell_mean": True, **(plan_kwargs or {})}  # cell_mean: a module.loss argument
-    plan = model._training_plan_cls(
+    plan_kwargs = {"cell_mean": True, **(s.plan_kwargs or {})}  # cell_mean: a module.loss argument
+    plan = plan_cls(
         module,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        contrastive_weight=contrastive_weight,
-        temperature=temperature,
+        lr=s.lr,
+        weight_decay=s.weight_decay,
+        warmup_steps=s.warmup_steps,
+        contrastive_weight=objective.contrastive_weight,
+        temperature=objective.temperature,
         **plan_kwargs,
     )
     kwargs = trainer_defaults(
-        trainer_kwargs,
-        gradient_clip_val=gradient_clip_val,
-        precision=precision,
-        strategy=strategy,
-        num_nodes=num_nodes,
+        dict(s.trainer_kwargs),
+        gradient_clip_val=s.gradient_clip_val,
+        precision=s.precision,
+        strategy=s.strategy,
+        num_nodes=s.num_nodes,
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(s.seed)
     module.train()
-    out = fit(
-        model,
-        plan,
-        datamodule,
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        trainer_kwargs=kwargs,
-    )
-    module.eval()
-    model.training_args_ = {
-        "max_epochs": max_epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "train_size": train_size,
-        "max_genes": max_genes,
-        "seed": seed,
+    try:
+        out = fit(
+            plan,
+            datamodule,
+            max_epochs=s.max_epochs,
+            accelerator=s.accelerator,
+            devices=s.devices,
+            trainer_kwargs=kwargs,
+        )
+    finally:
+        module.eval()
+    training_args = {
+        "max_epochs": s.max_epochs,
+        "batch_size": s.batch_size,
+        "lr": s.lr,
+        "weight_decay": s.weight_decay,
+        "train_size": s.train_size,
+        "max_genes": s.max_genes,
+        "seed": s.seed,
         "masking": masking.__dict__,
         "view_masking": dataset.view_masking.__dict__ if dataset.view_masking else None,
-        "contrastive_weight": contrastive_weight,
-        "temperature": temperature,
+        "contrastive_weight": objective.contrastive_weight,
+        "temperature": objective.temperature,
         "corpus": corpus.summary(),
         "finetune": None,
     }
     # Embed cells the way the model saw them in pretraining.
-    model.default_max_genes_ = max_genes
-    return out
+    return TrainingResult(training_args, output=out, default_max_genes=s.max_genes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -14,8 +14,12 @@ from scxtrimo.data._sources import RowSource
 from scxtrimo.data._validation import invalid_cells as find_invalid_cells
 from scxtrimo.data._validation import invalid_cells_message, scan_cells
 from scxtrimo.data._vocabulary import load_vocabulary, log_overlap, map_genes
+from scxtrimo.inference import InputSettings
 
 from ._corpus import CorpusPart
+
+if TYPE_CHECKING:
+    from scxtrimo.module import XTrimoGeneModule
 
 logger = logging.getLogger("scxtrimo")
 
@@ -136,18 +140,19 @@ def same_genes(sources: list[Any]) -> bool:
 
 
 def part_from_source(
-    model: Any,
+    module: XTrimoGeneModule,
     source: RowSource,
     name: str,
     *,
+    input_settings: InputSettings | None = None,
     max_genes: int | None,
     invalid_cells: str = "skip",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> CorpusPart:
     """One study of a pretraining corpus read from a row source, checked before training.
 
-    The source's ``var`` is mapped onto the model's vocabulary as
-    :meth:`~scxtrimo.model.XTrimoGene.prepare_input` maps an AnnData (the model's
+    The source's ``var`` is mapped onto the module's vocabulary as
+    :func:`~scxtrimo.inference.prepare_input` maps an AnnData (the settings'
     ``gene_symbols_key`` / ``gene_ids_key``; Ensembl IDs as gene names are matched by ID). One
     streamed pass over the source, ``chunk_size`` rows at a time, checks the values (raw
     counts) and counts each cell's in-vocabulary counts and non-zero genes
@@ -155,8 +160,8 @@ def part_from_source(
 
     Parameters
     ----------
-    model
-        The :class:`~scxtrimo.model.XTrimoGene` to pretrain (raw counts input).
+    module
+        The network to pretrain (``model.module``); its vocabulary maps the genes.
     source
         A :class:`~scxtrimo.data.RowSource`: e.g. :class:`~scxtrimo.data.SomaSource` (with its
         ``obs_value_filter``), :class:`~scxtrimo.data.ZarrSource`,
@@ -165,6 +170,8 @@ def part_from_source(
         without its open handles.
     name
         What the user passed, for messages.
+    input_settings
+        How the model reads its data (raw counts; gene keys); ``None``: the defaults.
     max_genes
         Gene-token cap of the run; applied when batches are built, accepted here to match
         :func:`~scxtrimo.train.build_corpus`.
@@ -186,12 +193,13 @@ def part_from_source(
     del max_genes  # the cap is applied per batch by PretrainingDataset
     if invalid_cells not in ("raise", "skip"):
         raise ValueError(f"invalid_cells must be 'raise' or 'skip', not {invalid_cells!r}.")
-    if model.setup_args["input_type"] != "counts":
+    settings = input_settings or InputSettings()
+    if settings.input_type != "counts":
         raise ValueError("Pretraining needs raw counts; set the model up with input_type='counts'.")
     vocab = load_vocabulary()
-    if model.config.n_genes != vocab.n_genes:
+    if module.config.n_genes != vocab.n_genes:
         raise ValueError(
-            f"This model has {model.config.n_genes} genes but the vocabulary has "
+            f"This model has {module.config.n_genes} genes but the vocabulary has "
             f"{vocab.n_genes}; only models on the scFoundation vocabulary can read row sources."
         )
     leaves = _leaves(source)
@@ -210,8 +218,8 @@ def part_from_source(
     try:
         mapping = map_genes(
             var,
-            gene_symbols_key=model.setup_args.get("gene_symbols_key"),
-            gene_ids_key=model.setup_args.get("gene_ids_key"),
+            gene_symbols_key=settings.gene_symbols_key,
+            gene_ids_key=settings.gene_ids_key,
         )
         stats = scan_cells(
             matrix,
@@ -245,10 +253,11 @@ def part_from_source(
 
 
 def parts_from_source(
-    model: Any,
+    module: XTrimoGeneModule,
     source: RowSource,
     name: str,
     *,
+    input_settings: InputSettings | None = None,
     max_genes: int | None,
     invalid_cells: str = "skip",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -260,11 +269,16 @@ def parts_from_source(
     (:func:`part_from_source`).
     """
     leaves = _leaves(source)
-    kwargs = {"max_genes": max_genes, "invalid_cells": invalid_cells, "chunk_size": chunk_size}
+    kwargs = {
+        "input_settings": input_settings,
+        "max_genes": max_genes,
+        "invalid_cells": invalid_cells,
+        "chunk_size": chunk_size,
+    }
     if same_genes(leaves):
-        return [part_from_source(model, source, name, **kwargs)]
+        return [part_from_source(module, source, name, **kwargs)]
     return [
-        part_from_source(model, leaf, f"{name} [{i}: {leaf.name}]", **kwargs)
+        part_from_source(module, leaf, f"{name} [{i}: {leaf.name}]", **kwargs)
         for i, leaf in enumerate(leaves)
     ]
 

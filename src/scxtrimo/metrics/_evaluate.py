@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.metrics import f1_score
@@ -82,7 +84,9 @@ def pca_baseline(
     return np.asarray(work.obsm["X_pca"])
 
 
-def classification_scores(true, pred) -> dict[str, float]:
+def classification_scores(
+    true: np.ndarray | Sequence, pred: np.ndarray | Sequence
+) -> dict[str, float]:
     """Accuracy and macro-F1 of predicted labels, the F1 averaged over the true classes.
 
     Parameters
@@ -102,7 +106,7 @@ def classification_scores(true, pred) -> dict[str, float]:
     }
 
 
-def log_normalized(counts) -> np.ndarray:
+def log_normalized(counts: np.ndarray | sp.spmatrix) -> np.ndarray:
     """Dense ``log1p(x / total * 1e4)`` of a cells x genes counts matrix, as ``float32``.
 
     Computed in float64; a cell without counts keeps zeros.
@@ -114,7 +118,11 @@ def log_normalized(counts) -> np.ndarray:
 
 
 def pca_fit_transform(
-    train_counts, test_counts, *, n_comps: int = 50, n_top_genes: int = 2000
+    train_counts: np.ndarray | sp.spmatrix,
+    test_counts: np.ndarray | sp.spmatrix,
+    *,
+    n_comps: int = 50,
+    n_top_genes: int = 2000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The scanpy PCA recipe fitted on training cells only, then applied to test cells.
 

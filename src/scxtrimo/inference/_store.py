@@ -30,10 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scxtrimo.data._sources import ConcatSource, RowSource, _fingerprint_of
+from scxtrimo.data._rows import fingerprint_of
+from scxtrimo.data._sources import ConcatSource, RowSource
+
+from ._io import atomic_write
 
 if TYPE_CHECKING:
-    from scxtrimo.model import XTrimoGene
+    from scxtrimo.module import XTrimoGeneModule
 
 logger = logging.getLogger("scxtrimo")
 
@@ -55,18 +58,21 @@ def _hash_names(names: Sequence[str] | pd.Index, step: int = 1_000_000) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(net: XTrimoGene) -> dict:
-    """What identifies a model's embeddings: a SHA-256 of its weights, and its configuration."""
+def model_fingerprint(module: XTrimoGeneModule, source: str | None = None) -> dict:
+    """What identifies a module's embeddings: a SHA-256 of its weights, and its configuration.
+
+    ``source`` is where the weights came from (the model's ``source_``), recorded as is.
+    """
     h = hashlib.sha256()
-    for name, tensor in sorted(net.module.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         t = tensor.detach().to("cpu").contiguous()
         h.update(str(t.dtype).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return {
         "weights_sha256": h.hexdigest(),
-        "config": json.loads(json.dumps(net.config.to_dict(), default=str)),
-        "source": getattr(net, "source_", None),
+        "config": json.loads(json.dumps(module.config.to_dict(), default=str)),
+        "source": source,
     }
 
 
@@ -79,7 +85,7 @@ def input_fingerprint(source: RowSource) -> dict:
     """What identifies an input: its kind, paths, shapes, sizes and hashes of its names."""
     leaves = leaf_sources(source)
     return {
-        "sources": [_fingerprint_of(s) for s in leaves],
+        "sources": [fingerprint_of(s) for s in leaves],
         "obs_names_sha256": _hash_names(source.obs.index),
         "var_names_sha256": [_hash_names(s.var.index) for s in leaves],
         "n_obs": int(source.shape[0]),
@@ -92,12 +98,10 @@ def input_fingerprint(source: RowSource) -> dict:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    from scxtrimo.model._io import atomic_write  # here: importing model/ loads scvi-tools
-
     atomic_write(path, lambda f: f.write(text.encode()), sync=True)
 
 
-class _Store:
+class EmbeddingStore:
     """The zarr embedding store at ``path`` for ``obsm[key]`` (see the module docstring)."""
 
     def __init__(self, path: Path, key: str) -> None:
@@ -218,11 +222,11 @@ class _Store:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
 
@@ -232,7 +236,7 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_h5ad(store: _Store, out: Path, report: dict, copy_from: Path | None) -> None:
+def write_h5ad(store: EmbeddingStore, out: Path, report: dict, copy_from: Path | None) -> None:
     """Write ``out`` from the finished store through a temporary file and a rename."""
     import anndata as ad
     import h5py
@@ -295,7 +299,7 @@ def iter_embedding_store(path: str | os.PathLike, key: str = "X_scxtrimo") -> It
     """
     import zarr
 
-    store = _Store(Path(path), key)
+    store = EmbeddingStore(Path(path), key)
     if not store.is_store():
         raise ValueError(f"{path} is not an scxtrimo embedding store for obsm[{key!r}].")
     if not store.is_complete():

@@ -1,4 +1,4 @@
-"""The per-chunk engine of ``embed_to_store``: rows of a source to pooled embeddings, on any rank."""
+"""Chunks of a row source to pooled embeddings, on any rank: the work unit of ``embed_to_store``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from scxtrimo.data._sources import ConcatSource, RowSource
 from scxtrimo.data._tokens import InputSpec, TokenIndex
 from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
 
+from ._encode import encode_pooled
 from ._store import leaf_sources
 
 DEFAULT_CHUNK_SIZE = 4096
@@ -21,8 +22,36 @@ DEFAULT_CHUNK_SIZE = 4096
 
 # Picklable (a dataclass of arrays, the module and the source): sent to every rank under DDP.
 @dataclass
-class _Engine:
-    """Embeds rows of a source: the model module plus everything fixed before the run."""
+class ChunkEngine:
+    """Embeds chunks of a row source: the module plus everything fixed before the run.
+
+    Picklable, so that it can be sent to every rank of a multi-process run
+    (:class:`ChunkPredictor`). Chunk ``k`` holds the rows ``k * chunk_size`` up to the next
+    chunk's first row; :meth:`embed_chunk` reads, checks and embeds them.
+
+    Attributes
+    ----------
+    module
+        The network (``model.module``).
+    n_genes
+        The module's vocabulary size.
+    width
+        Width of one embedding (4 x encoder width for ``pooling="all"``).
+    spec
+        How values become tokens (from a :class:`PreparedInput` of the source).
+    col_to_vocab
+        Vocabulary column of each gene, one array per leaf source (shard).
+    pooling, invalid, batch_size, max_tokens, autocast
+        As in :func:`embed_prepared` and :func:`prepare_input`.
+    total_counts_key
+        ``obs`` column of per-cell total counts, or ``None``.
+    source
+        The :class:`~scxtrimo.data.RowSource` to read.
+    n_obs
+        Rows of ``source``.
+    chunk_size
+        Rows per chunk.
+    """
 
     module: torch.nn.Module
     n_genes: int
@@ -100,8 +129,6 @@ class _Engine:
         cells = np.setdiff1d(np.arange(n), bad) if bad.size else np.arange(n)
         out = torch.full((n, self.width), float("nan"), dtype=torch.float32, device=device)
         if cells.size:
-            from scxtrimo.model._inference import encode_pooled  # here: model/ loads scvi-tools
-
             module = self.module.to(device).eval()
             use_autocast = device.type == "cuda" and (self.autocast is None or self.autocast)
             batches = iter_inference_batches(

@@ -1,5 +1,7 @@
 """Lightning pieces of multi-process embedding: a predict-only module, chunks, a store writer.
 
+Imports Lightning; :mod:`scxtrimo.inference` loads this room only when it is used.
+
 Every rank gets ``pending[rank::world_size]`` of the unfinished chunks (no padding, so no chunk
 is computed twice); ``predict_step`` embeds one chunk on the rank's device and the
 :class:`StoreWriter` (a ``BasePredictionWriter``) writes it to its rows of the zarr store and
@@ -17,9 +19,11 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from ._store import EmbeddingStore
 
-class ChunkEmbedder(pl.LightningModule):
-    """Predict-only LightningModule: ``predict_step(chunk id) -> (chunk id, embedding)``."""
+
+class ChunkPredictor(pl.LightningModule):
+    """Predict-only LightningModule over a :class:`ChunkEngine`: ``predict_step(chunk id) -> (chunk id, embedding, #skipped)``."""
 
     def __init__(self, engine: Any) -> None:
         super().__init__()
@@ -73,12 +77,10 @@ class StoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        from ._store import _Store
-
         if prediction is None:
             return
         if self._store is None:
-            self._store = _Store(Path(self.path), self.key)
+            self._store = EmbeddingStore(Path(self.path), self.key)
         k, emb, n_skipped = prediction
         start, _ = pl_module.engine.chunk_rows(k)
         info = {"n_skipped": int(n_skipped), "run": self.run, "rank": int(trainer.global_rank)}
@@ -90,4 +92,39 @@ class StoreWriter(BasePredictionWriter):
         return state
 
 
-__all__ = ["ChunkDataModule", "ChunkEmbedder", "StoreWriter"]
+def predict_chunks(
+    engine: Any,
+    store: EmbeddingStore,
+    pending: list[int],
+    *,
+    devices: int,
+    accelerator: str,
+    strategy: str,
+    num_nodes: int,
+) -> None:
+    """Embed the ``pending`` chunks of ``engine`` into ``store`` with Lightning prediction.
+
+    Each of the ``devices`` x ``num_nodes`` processes embeds ``pending[rank::world_size]`` and
+    writes its chunks through a :class:`StoreWriter`.
+    """
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        callbacks=[StoreWriter(store.path, store.key)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        inference_mode=True,
+    )
+    trainer.predict(
+        ChunkPredictor(engine),
+        datamodule=ChunkDataModule(pending),
+        return_predictions=False,
+    )
+
+
+__all__ = ["ChunkDataModule", "ChunkPredictor", "StoreWriter", "predict_chunks"]

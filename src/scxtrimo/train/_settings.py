@@ -1,0 +1,92 @@
+"""What a training run is given and what it gives back: its settings, objective and result."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from scxtrimo.data._tokens import MaskingSpec
+
+#: How a recipe runs Lightning: ``fit(plan, datamodule, max_epochs=..., accelerator=...,
+#: devices=..., trainer_kwargs=...)``. The model hands in its scvi-tools train runner, which
+#: records the history on the model (as ``TrainRunner`` does); a recipe never sees the model.
+Fit = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The settings of one training run, shared by pretraining and fine-tuning.
+
+    Built by :meth:`~scxtrimo.model.XTrimoGene.train` from its arguments (see there for each
+    field); the recipes (:func:`run_pretraining`, :func:`run_finetuning`) read them.
+    """
+
+    max_epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None
+    train_size: float = 0.9
+    max_genes: int | None = 1024
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: Any = None
+    num_nodes: int | None = None
+    precision: Any = None
+    gradient_clip_val: float = 1.0
+    num_workers: int = 0
+    invalid_cells: str = "skip"
+    drop_last: bool = False
+    plan_kwargs: Mapping[str, Any] | None = None
+    trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> TrainingSettings:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PretrainingObjective:
+    """What pretraining optimises: masked regression of a down-sampled view plus InfoNCE.
+
+    Attributes
+    ----------
+    masking
+        Masking and down-sampling of the regression view.
+    view_masking
+        The same for the contrastive view (``None``: always down-sampled, scFoundation rates).
+    contrastive_weight
+        Weight of the InfoNCE term; 0 turns it off (no second view is built).
+    temperature
+        Softmax temperature of the InfoNCE term.
+    """
+
+    masking: MaskingSpec = field(default_factory=MaskingSpec)
+    view_masking: MaskingSpec | None = None
+    contrastive_weight: float = 1.0
+    temperature: float = 0.2
+
+
+@dataclass
+class TrainingResult:
+    """What a training run returns; the model's ``train`` writes it onto the model.
+
+    Attributes
+    ----------
+    training_args
+        The run's arguments and what it trained on (the model's ``training_args_``).
+    output
+        What the train runner returned.
+    default_max_genes
+        Pretraining: the gene cap the module now expects at inference; ``None`` otherwise.
+    classifier
+        Fine-tuning: what to add to the model's ``classifier_`` record (mode, gene cap...).
+    """
+
+    training_args: dict[str, Any]
+    output: Any = None
+    default_max_genes: int | None = None
+    classifier: dict[str, Any] | None = None
