@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from scxtrimo.data import InputSpec, map_genes, scan_cells
-from scxtrimo.data._tokens import TokenIndex
 from scxtrimo.data._loading import iter_inference_batches, plan_batches
 from scxtrimo.data._matrix import iter_row_chunks
+from scxtrimo.data._tokens import TokenIndex
 
 
 class CountingDense:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from scxtrimo.data import MaskingSpec, map_genes
-from scxtrimo.data._tokens import TokenIndex, pretraining_batch
-from scxtrimo.data._tokens import row_seeds
+from scxtrimo.data._tokens import TokenIndex, pretraining_batch, row_seeds
 
 N_GENES = 19264
 

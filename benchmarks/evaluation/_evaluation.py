@@ -71,8 +71,7 @@ def load_model(path: Path | None):
     ``benchmarks/evaluation/pretrain_pbmc4k.py``); ``None``: the model shipped with scxtrimo
     (the output of that same command, in float16). The results say which.
     """
-    from scxtrimo.model import XTrimoGene
-    from scxtrimo.model import resolve_model
+    from scxtrimo.model import XTrimoGene, resolve_model
 
     if path is not None and not (Path(path) / "model.json").exists():
         raise FileNotFoundError(

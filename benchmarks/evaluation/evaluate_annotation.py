@@ -40,8 +40,8 @@ import numpy as np
 import default_model_splits as splits_mod
 import scxtrimo
 from _evaluation import load_model, log, machine, quiet, run_record, write_results
-from scxtrimo.model import XTrimoGene
 from scxtrimo.metrics import classification_scores, pca_fit_transform
+from scxtrimo.model import XTrimoGene
 
 MODES = ("head", "last_layers", "full")
 

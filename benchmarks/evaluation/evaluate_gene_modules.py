@@ -32,8 +32,8 @@ import pandas as pd
 
 import scxtrimo
 from _evaluation import command_line, load_model, log, machine, quiet, run_record, write_results
-from scxtrimo.model import XTrimoGene
 from scxtrimo.metrics import log_normalized
+from scxtrimo.model import XTrimoGene
 
 MARKERS = {
     "T cell": ["CD3D", "CD3E", "CD2", "IL7R"],

@@ -143,8 +143,8 @@ def processes(path: str, workdir: str, devices: int) -> dict[str, Any]:
     import anndata as ad
 
     import scxtrimo
-    from scxtrimo.model import XTrimoGene
     from scxtrimo.inference import EmbeddingStore as _Store
+    from scxtrimo.model import XTrimoGene
 
     scxtrimo.settings.progress_bar = False
     model = XTrimoGene(None, config="tiny", seed=0)
