@@ -231,6 +231,8 @@ nitpick_ignore_regex = [
     (r"py:(class|obj|func|meth|attr|mod|data|exc)", _THIRD_PARTY + r"(\..*)?"),
     # Module-level type aliases rendered by sphinx-autodoc-typehints as their bare names.
     (r"py:(class|obj|data)", r"(Literal|Any|Sequence|Mapping|Iterator|PathLike|Path)(\[.*\])?"),
+    # The ``...`` of ``Callable[..., Any]`` (the recipes' ``fit``), rendered as Ellipsis.
+    (r"py:data", r"Ellipsis"),
 ]
 
 # -- HTML -------------------------------------------------------------------------------------

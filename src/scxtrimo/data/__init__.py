@@ -16,7 +16,7 @@ from ._sources import (
     ZarrSource,
     open_source,
 )
-from ._tokens import InputSpec, MaskingSpec, TargetDepth
+from ._tokens import InputSpec, MaskingSpec, TargetDepth, TokenIndex
 from ._validation import CellStats, invalid_cells, scan_cells
 from ._vocabulary import (
     DuplicateGenesWarning,
@@ -43,6 +43,7 @@ __all__ = [
     "RowSource",
     "SomaSource",
     "TargetDepth",
+    "TokenIndex",
     "ZarrSource",
     "get_matrix",
     "invalid_cells",

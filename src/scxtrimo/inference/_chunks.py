@@ -41,8 +41,16 @@ class ChunkEngine:
         How values become tokens (from a :class:`PreparedInput` of the source).
     col_to_vocab
         Vocabulary column of each gene, one array per leaf source (shard).
-    pooling, invalid, batch_size, max_tokens, autocast
-        As in :func:`embed_prepared` and :func:`prepare_input`.
+    pooling
+        As in :func:`embed_prepared`.
+    invalid
+        ``"raise"`` or ``"skip"`` cells that cannot be embedded (as in :func:`prepare_input`).
+    batch_size
+        As in :func:`embed_prepared`.
+    max_tokens
+        As in :func:`embed_prepared`.
+    autocast
+        As in :func:`embed_prepared`.
     total_counts_key
         ``obs`` column of per-cell total counts, or ``None``.
     source

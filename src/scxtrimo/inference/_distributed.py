@@ -31,6 +31,7 @@ class ChunkPredictor(pl.LightningModule):
         self.net = engine.module  # registered, so Lightning moves it to the rank's device
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Embed chunk ``batch`` on this rank's device (``None`` for a rank's placeholder)."""
         k = int(batch)
         if k < 0:  # placeholder of a rank without chunks (Lightning needs one batch per rank)
             return None
@@ -51,6 +52,7 @@ class ChunkDataModule(pl.LightningDataModule):
         self.pending = [int(k) for k in pending]
 
     def predict_dataloader(self) -> DataLoader:
+        """The chunk ids of this rank, one per batch (``pending[rank::world_size]``)."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
         mine = self.pending[rank::world] or [-1]
@@ -77,6 +79,7 @@ class StoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        """Write the predicted chunk to its rows of the store and commit it."""
         if prediction is None:
             return
         if self._store is None:

@@ -123,7 +123,7 @@ def check_setup_arguments(
     input_type: str,
     total_counts_key: str | None,
 ) -> None:
-    """Check the arguments of :meth:`XTrimoGene.setup_anndata` against ``adata``'s ``obs``."""
+    """Check the arguments of :meth:`~scxtrimo.model.XTrimoGene.setup_anndata` on ``adata``."""
     if input_type not in ("counts", "log1p"):
         raise ValueError(f"input_type must be 'counts' or 'log1p', not {input_type!r}.")
     for key, what in (

@@ -102,7 +102,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class EmbeddingStore:
-    """The zarr embedding store at ``path`` for ``obsm[key]`` (see the module docstring)."""
+    """The zarr embedding store at ``path`` for ``obsm[key]``, written by chunks and resumable.
+
+    An AnnData zarr store: ``obs`` (the cells in input order), ``obsm[key]`` (float32, cells x
+    width, zarr chunks of ``chunk_size`` rows, NaN until written) and, when the run is finished,
+    ``uns["scxtrimo"][key]``. Beside the array, hidden from zarr and anndata, a
+    ``.scxtrimo`` folder holds the fingerprint that guards a resume, one marker per committed
+    chunk (moved into place: the commit) and the ``complete`` marker.
+
+    Parameters
+    ----------
+    path
+        The ``.zarr`` folder.
+    key
+        The ``obsm`` key of the embeddings.
+    """
 
     def __init__(self, path: Path, key: str) -> None:
         self.path = Path(path)
@@ -111,31 +125,39 @@ class EmbeddingStore:
 
     @property
     def array_path(self) -> Path:
+        """The zarr array ``obsm/<key>``."""
         return self.path / "obsm" / self.key
 
     @property
     def meta_dir(self) -> Path:
+        """The hidden ``.scxtrimo`` folder of the run's markers."""
         return self.array_path / ".scxtrimo"
 
     @property
     def done_dir(self) -> Path:
+        """The folder of the committed chunks' markers."""
         return self.meta_dir / "done"
 
     @property
     def fingerprint_file(self) -> Path:
+        """The run's fingerprint (model, input, parameters)."""
         return self.meta_dir / "fingerprint.json"
 
     @property
     def complete_file(self) -> Path:
+        """The marker of a finished run."""
         return self.meta_dir / "complete"
 
     def is_store(self) -> bool:
+        """Whether ``path`` holds an embedding store for ``key``."""
         return self.fingerprint_file.is_file()
 
     def is_complete(self) -> bool:
+        """Whether the run that writes the store has finished."""
         return self.complete_file.is_file()
 
     def read_fingerprint(self) -> dict:
+        """The fingerprint the store was created with."""
         return json.loads(self.fingerprint_file.read_text())
 
     def create(self, obs: pd.DataFrame, width: int, chunk_size: int, fingerprint: dict) -> None:
@@ -185,6 +207,7 @@ class EmbeddingStore:
             raise
 
     def array(self):
+        """The zarr array of the embeddings, opened for writing (once)."""
         import zarr
 
         if self._array is None:
@@ -192,6 +215,7 @@ class EmbeddingStore:
         return self._array
 
     def done_chunks(self) -> dict[int, dict]:
+        """The committed chunks: chunk id -> what its marker records (rows, run, rank)."""
         out = {}
         for name in os.listdir(self.done_dir):
             if name.isdigit():
@@ -208,6 +232,7 @@ class EmbeddingStore:
         _atomic_write_text(self.done_dir / f"{k:09d}", json.dumps(info))
 
     def finish(self, report: dict) -> None:
+        """Write the run's ``report`` to ``uns["scxtrimo"][key]``, then mark the store complete."""
         import zarr
         from anndata.io import write_elem
 
@@ -219,10 +244,12 @@ class EmbeddingStore:
         _atomic_write_text(self.complete_file, json.dumps({"finished": time.time()}))
 
     def remove(self) -> None:
+        """Delete the store."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys at which two nested dicts differ (a resume's fingerprint check)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):

@@ -105,7 +105,7 @@ def gene_embeddings(
     return adata if copy else None
 
 
-def _columns_for(
+def columns_for(
     target: AnnData, col_to_vocab: np.ndarray, genes: Sequence[str] | None
 ) -> np.ndarray:
     """Columns of ``genes`` (``var_names``) that map to the vocabulary, first of duplicates."""
@@ -121,7 +121,7 @@ def _columns_for(
     return np.sort(cols[first])
 
 
-def _context_means(
+def context_means(
     net: XTrimoGene,
     target: AnnData,
     cols: np.ndarray,
@@ -162,7 +162,7 @@ def _context_means(
     return means.astype(np.float32), counts
 
 
-def _sample_cells(codes: np.ndarray, n_groups: int, max_cells: int | None, seed: int) -> np.ndarray:
+def sample_cells(codes: np.ndarray, n_groups: int, max_cells: int | None, seed: int) -> np.ndarray:
     """Up to ``max_cells`` random cells of each group (all when ``None``), sorted."""
     cells = np.flatnonzero(codes >= 0)
     if max_cells is None:
@@ -272,7 +272,7 @@ def context_gene_embeddings(
         target, input_settings=settings, target_depth=target_depth, invalid=invalid_cells
     )
     col_to_vocab = prep.mapping.col_to_vocab
-    cols = _columns_for(target, col_to_vocab, genes)
+    cols = columns_for(target, col_to_vocab, genes)
     if groupby is None:
         groups, codes = ["all"], np.zeros(target.n_obs, dtype=np.int64)
     else:
@@ -282,10 +282,10 @@ def context_gene_embeddings(
         groups, codes = list(cat.categories), np.asarray(cat.codes, dtype=np.int64)
     valid = np.full(target.n_obs, -1, dtype=np.int64)
     valid[prep.cells] = codes[prep.cells]
-    cells = _sample_cells(valid, len(groups), max_cells, seed)
+    cells = sample_cells(valid, len(groups), max_cells, seed)
     if cols.size == 0 or cells.size == 0:
         raise ValueError("No gene of `genes` is in the vocabulary, or no cell can be used.")
-    means, counts = _context_means(
+    means, counts = context_means(
         net,
         target,
         cols,

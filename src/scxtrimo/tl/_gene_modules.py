@@ -13,7 +13,7 @@ from anndata import AnnData
 from scxtrimo._docs import DOCS, doc_params
 
 from ._common import record, start_tool
-from ._gene_embeddings import _columns_for, _context_means, _sample_cells, gene_mapping
+from ._gene_embeddings import columns_for, context_means, gene_mapping, sample_cells
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -217,13 +217,13 @@ def gene_modules(
         from scxtrimo.data._matrix import get_matrix
 
         matrix = get_matrix(target, settings.layer)
-        cols = _columns_for(
+        cols = columns_for(
             target,
             col_to_vocab,
             list(target.var_names[_default_genes(target, col_to_vocab, matrix, n_top_genes)]),
         )
     else:
-        cols = _columns_for(target, col_to_vocab, genes)
+        cols = columns_for(target, col_to_vocab, genes)
     if cols.size < 3:
         raise ValueError(f"Need at least 3 genes in the vocabulary to cluster, got {cols.size}.")
     n_cells_used = None
@@ -236,8 +236,8 @@ def gene_modules(
         )
         codes = np.full(target.n_obs, -1, dtype=np.int64)
         codes[prep.cells] = 0
-        cells = _sample_cells(codes, 1, max_cells, seed)
-        means, counts = _context_means(
+        cells = sample_cells(codes, 1, max_cells, seed)
+        means, counts = context_means(
             net,
             target,
             cols,
