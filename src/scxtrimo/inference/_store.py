@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -117,6 +117,10 @@ class EmbeddingStore:
     key
         The ``obsm`` key of the embeddings.
     """
+
+    #: What a fingerprint's ``format`` and ``version`` say of a store of this layout.
+    FORMAT: ClassVar[str] = STORE_FORMAT
+    VERSION: ClassVar[int] = STORE_VERSION
 
     def __init__(self, path: Path, key: str) -> None:
         self.path = Path(path)
@@ -246,6 +250,19 @@ class EmbeddingStore:
     def remove(self) -> None:
         """Delete the store."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def write_h5ad(self, out: Path, report: dict, copy_from: Path | None = None) -> None:
+        """Write the finished store as the ``.h5ad`` file ``out`` (a temporary file, a rename).
+
+        ``copy_from``: an ``.h5ad`` input to copy byte for byte and add the embedding to;
+        ``None`` writes ``obs`` and the embedding only.
+        """
+        write_h5ad(self, Path(out), report, copy_from)
+
+    @staticmethod
+    def fingerprint_differences(found: dict, expected: dict) -> list[str]:
+        """The dotted keys at which a store's fingerprint and a run's differ (none: resumable)."""
+        return diff_keys(found, expected)
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -44,7 +44,6 @@ from scxtrimo.inference import (
     leaf_sources,
     model_fingerprint,
 )
-from scxtrimo.inference._store import STORE_FORMAT, STORE_VERSION, diff_keys, write_h5ad
 
 from ._common import load_model
 
@@ -351,8 +350,8 @@ def embed_to_store(
         "width": width,
     }
     fingerprint = {
-        "format": STORE_FORMAT,
-        "version": STORE_VERSION,
+        "format": EmbeddingStore.FORMAT,
+        "version": EmbeddingStore.VERSION,
         "model": model_fingerprint(net.module, getattr(net, "source_", None)),
         "input": input_fingerprint(source),
         "params": params,
@@ -374,7 +373,7 @@ def embed_to_store(
             found = store.read_fingerprint()
             if chunk_size is None:
                 fingerprint["chunk_size"] = found.get("chunk_size")
-            differ = diff_keys(
+            differ = store.fingerprint_differences(
                 {k: found.get(k) for k in ("format", "model", "input", "params", "chunk_size")},
                 {k: fingerprint[k] for k in ("format", "model", "input", "params", "chunk_size")},
             )
@@ -475,7 +474,7 @@ def embed_to_store(
         copy = input_kind_h5ad and len(leaves) == 1 if copy_input is None else copy_input
         if copy and not (input_kind_h5ad and len(leaves) == 1):
             raise ValueError("copy_input=True needs a single .h5ad input.")
-        write_h5ad(store, out, report, Path(given) if copy else None)
+        store.write_h5ad(out, report, Path(given) if copy else None)
         store.remove()
     logger.info("Wrote %s (obsm[%r], %d x %d).", out, key_added, n_obs, width)
     return out
