@@ -604,6 +604,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="do not keep earlier results")
     parser.add_argument("--data", type=Path, default=None, help="the shared data folder")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per method")
+    parser.add_argument(
+        "--merge-from",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only merge these result files (or folders) into --out, e.g. of runs in parallel",
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -632,6 +639,10 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out
     if out is None:
         out = Path(tempfile.gettempdir()) / "scxtrimo_adaptation_quick" if args.quick else RESULTS
+
+    if args.merge_from:
+        merge(args.merge_from, out, args.quick, args.fresh)
+        return
 
     t0 = time.time()
     log("loading the splits")
@@ -680,6 +691,26 @@ def main(argv: list[str] | None = None) -> None:
                 results["splits"] = {s: results["splits"][s] for s in _order(results)}
                 write(results, out)  # after every method: a partial run keeps its results
     log(f"done in {(time.time() - t0) / 60:.1f} min: {out / NAME}.md")
+    print(markdown(results))
+
+
+def merge(sources: list[Path], out: Path, quick: bool, fresh: bool) -> None:
+    """Merge the entries of other runs' result files into ``out`` (later sources win)."""
+    results = (None if fresh else _load_previous(out, quick)) or {"splits": {}}
+    for source in sources:
+        path = source / f"{NAME}.json" if source.is_dir() else source
+        other = json.loads(path.read_text())
+        if other.get("quick", False) != quick:
+            raise ValueError(f"{path} holds {'quick' if other.get('quick') else 'full'} results.")
+        for key in ("command", "quick", "threads", "cpu_cores"):
+            results.setdefault(key, other.get(key))
+        for split, block in other["splits"].items():
+            mine = results["splits"].setdefault(split, {"methods": {}})
+            mine.update({k: v for k, v in block.items() if k != "methods"})
+            mine["methods"].update(block["methods"])
+        log(f"merged {path}")
+    results["splits"] = {s: results["splits"][s] for s in _order(results)}
+    write(results, out)
     print(markdown(results))
 
 
