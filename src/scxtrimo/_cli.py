@@ -200,6 +200,46 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--backed", action="store_true", help="read the input backed (large files)")
     pre.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
 
+    ada = sub.add_parser(
+        "adapt",
+        **sub_args,
+        help="adapt a model to the cells of an .h5ad (self-supervised), then save it",
+        description="Trains the top encoder layers on the file's unlabelled cells "
+        "(scxtrimo.tl.adapt) and saves MODEL_DIR; embed with it: scxtrimo embed IN -o OUT "
+        "--model MODEL_DIR. The input is read, never modified.",
+    )
+    ada.add_argument("input", type=Path, help="input .h5ad with raw counts")
+    ada.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
+    ada.add_argument(
+        "--model",
+        default=None,
+        help="model to start from: a saved model directory, models.ckpt or 'scfoundation' "
+        "(default: the shipped model)",
+    )
+    ada.add_argument(
+        "--batch-key", default=None, help="obs column of batches (adds cross-batch positives)"
+    )
+    ada.add_argument("--max-steps", type=_positive_int, default=300, help="optimisation steps")
+    ada.add_argument(
+        "--max-time", type=float, default=None, help="wall-time budget in seconds (default: none)"
+    )
+    ada.add_argument("--n-layers", type=_positive_int, default=1, help="top encoder layers trained")
+    ada.add_argument("--batch-size", type=_positive_int, default=64, help="anchor cells per step")
+    ada.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    ada.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="folder for a checkpoint every 50 steps; the same command resumes from it",
+    )
+    ada.add_argument("--seed", type=int, default=0, help="random seed")
+    ada.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
+    ada.add_argument("--gene-symbols-key", default=None, help="var column with gene symbols")
+    ada.add_argument("--gene-ids-key", default=None, help="var column with Ensembl IDs")
+    ada.add_argument("--device", default=None, help="cpu, cuda... (default: scxtrimo's setting)")
+    ada.add_argument("--backed", action="store_true", help="read the input backed (large files)")
+    ada.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+
     demo = sub.add_parser(
         "demo",
         **sub_args,
@@ -336,6 +376,44 @@ def run_pretrain(args: argparse.Namespace) -> None:
     logger.info("Saved the model to %s.", args.output)
 
 
+def run_adapt(args: argparse.Namespace) -> None:
+    """``scxtrimo adapt``: adapt a model to the input's cells and save it."""
+    import anndata as ad
+
+    from .tl import adapt
+
+    if not args.input.exists():
+        raise SystemExit(f"error: input file {args.input} not found.")
+    if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {args.output} exists and is not empty; pass --overwrite.")
+    adata = ad.read_h5ad(args.input, backed="r" if args.backed else None)
+    model = adapt(
+        adata,
+        args.model,
+        batch_key=args.batch_key,
+        layer=args.layer,
+        gene_symbols_key=args.gene_symbols_key,
+        gene_ids_key=args.gene_ids_key,
+        max_steps=args.max_steps,
+        max_time=args.max_time,
+        n_layers=args.n_layers,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        checkpoint_dir=args.checkpoint_dir,
+        seed=args.seed,
+        device=args.device,
+    )
+    model.save(args.output, overwrite=args.overwrite)
+    result = model.adaptation_["result"]
+    logger.info(
+        "Adapted on %d cells in %.0f s (%d steps); saved the model to %s.",
+        model.adaptation_["n_cells"],
+        model.adaptation_["wall_seconds"],
+        result["steps"],
+        args.output,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scxtrimo`` command."""
     parser = build_parser()
@@ -349,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_embed(args)
     elif args.command == "pretrain":
         run_pretrain(args)
+    elif args.command == "adapt":
+        run_adapt(args)
     else:
         from ._demo import run_demo
 

@@ -1,4 +1,4 @@
-"""Evaluation: kNN label accuracy, neighbour votes, classification scores and the PCA baseline.
+"""Evaluation: kNN label accuracy, neighbour votes, classification scores, batch mixing, PCA.
 
 Functions on arrays (embeddings and labels), not on AnnData; they import no model and no
 scvi-tools. The tools (:mod:`scxtrimo.tl`) use :func:`knn_vote` for label transfer.
@@ -11,13 +11,16 @@ from ._evaluate import (
     pca_baseline,
     pca_fit_transform,
 )
+from ._mixing import batch_mixing, well_mixed_batch_mixing
 from ._vote import knn_vote
 
 __all__ = [
+    "batch_mixing",
     "classification_scores",
     "knn_accuracy",
     "knn_vote",
     "log_normalized",
     "pca_baseline",
     "pca_fit_transform",
+    "well_mixed_batch_mixing",
 ]

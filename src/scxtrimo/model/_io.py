@@ -179,6 +179,7 @@ def saved_metadata(model: Any) -> dict:
         "is_trained": bool(model.is_trained_),
         "training_args": getattr(model, "training_args_", None),
         "history": history_to_json(model.history_),
+        "adaptation": jsonable(getattr(model, "adaptation_", None)),
         "registry": jsonable(model.registry_),
         "classifier": jsonable(model.classifier_),
         "n_parameters": int(sum(p.numel() for p in model.module.parameters())),
@@ -194,6 +195,7 @@ def restore_saved_attributes(model: Any, metadata: dict) -> None:
     model.training_args_ = metadata.get("training_args")
     if metadata.get("history"):
         model.history_ = history_from_json(metadata["history"])
+    model.adaptation_ = metadata.get("adaptation")
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from scxtrimo.inference import (
 from scxtrimo.module import XTrimoGeneConfig, XTrimoGeneModule, get_config
 from scxtrimo.train._plan import XTrimoGeneTrainingPlan
 
+from ._adaptation import AdaptationMixin
 from ._io import SaveLoadMixin, classifier_info, empty_registry, registered_labels
 from ._outputs import OutputsMixin
 from ._training import TrainingMixin
@@ -44,7 +45,7 @@ TOTAL_COUNTS_KEY = "total_counts"
 # Like a scvi-tools model, the class takes most of its methods from mixins, each in its room:
 # _outputs (embeddings, gene embeddings, expression), _training (train, the classification head)
 # and _io (save, load, from_scfoundation). What stays here is registration and checked input.
-class XTrimoGene(OutputsMixin, TrainingMixin, SaveLoadMixin, BaseModelClass):
+class XTrimoGene(OutputsMixin, TrainingMixin, AdaptationMixin, SaveLoadMixin, BaseModelClass):
     """xTrimoGene / scFoundation single-cell foundation model.
 
     An asymmetric transformer: the encoder attends only over a cell's non-zero genes (plus the

@@ -224,10 +224,42 @@ class TransformerEncoder(nn.Module):
         -------
         Encoded tokens ``[B, L, dim]``.
         """
+        return self.run_layers(x, padding_mask)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Apply layers ``start .. stop - 1``, and the final LayerNorm when ``stop`` is the end.
+
+        ``run_layers(run_layers(x, m, stop=k), m, start=k)`` equals ``forward(x, m)``: the
+        outputs of frozen lower layers can be computed once and the upper layers trained on
+        them (:func:`scxtrimo.tl.adapt`).
+
+        Parameters
+        ----------
+        x
+            Inputs of layer ``start`` ``[B, L, dim]``.
+        padding_mask
+            Boolean ``[B, L]``; ``True`` marks padding.
+        start, stop
+            Layer range (``stop=None``: to the end).
+
+        Returns
+        -------
+        Outputs of layer ``stop - 1`` (normalised when it is the last layer).
+        """
+        depth = len(self.layers)
+        stop = depth if stop is None else stop
+        if not 0 <= start <= stop <= depth:
+            raise ValueError(f"Layer range {start}..{stop} is outside 0..{depth}.")
         attention_mask = None
         if padding_mask is not None:
             # [B, 1, 1, L]: every query may attend to every non-padded key.
-            attention_mask = ~padding_mask[:, None, None, :]
-        for layer in self.layers:
+            attention_mask = ~padding_mask.to(torch.bool)[:, None, None, :]
+        for layer in self.layers[start:stop]:
             x = layer(x, attention_mask)
-        return self.final_norm(x)
+        return self.final_norm(x) if stop == depth else x

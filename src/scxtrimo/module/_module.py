@@ -123,10 +123,26 @@ class XTrimoGeneModule(BaseModuleClass):
         Encoder outputs ``[B, L, encoder_dim]`` (meaningless at padded positions).
         """
         padding_mask = padding_mask.to(torch.bool)
+        return self.encoder(self.token_embeddings(gene_index, value, padding_mask), padding_mask)
+
+    def token_embeddings(
+        self, gene_index: torch.Tensor, value: torch.Tensor, padding_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The encoder's input: value embedding plus gene embedding of each token.
+
+        Parameters
+        ----------
+        gene_index, value, padding_mask
+            As in :meth:`encode`.
+
+        Returns
+        -------
+        ``[B, L, encoder_dim]``; :meth:`encode` is ``encoder(token_embeddings(...))``.
+        """
+        padding_mask = padding_mask.to(torch.bool)
         # Padded slots may carry any index; point them at the padding row so lookups are valid.
         gene_index = gene_index.masked_fill(padding_mask, self.config.padding_index)
-        tokens = self.value_embedding(value, padding=padding_mask) + self.gene_embedding(gene_index)
-        return self.encoder(tokens, padding_mask)
+        return self.value_embedding(value, padding=padding_mask) + self.gene_embedding(gene_index)
 
     @staticmethod
     def pool(h: torch.Tensor, padding_mask: torch.Tensor, pooling: Pooling = "all") -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Tools: scanpy-style functions that read an AnnData and write their results into it."""
 
+from ._adapt import adapt
 from ._annotate import annotate
 from ._embed import embed
 from ._embed_store import embed_to_store
@@ -10,6 +11,7 @@ from ._perturbation import predict_perturbation
 from ._transfer import transfer_labels
 
 __all__ = [
+    "adapt",
     "annotate",
     "cluster_genes",
     "context_gene_embeddings",
