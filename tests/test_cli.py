@@ -68,6 +68,7 @@ def test_pretrain_then_embed(h5ad, tmp_path):
     assert ad.read_h5ad(out).obsm["X_scxtrimo"].shape == (40, 4 * 32)
 
 
+@pytest.mark.slow
 def test_demo_runs_on_shipped_data(saved_tiny, tmp_path, capsys):
     out = tmp_path / "demo"
     main(["-q", "demo", "--out", str(out), "--model", str(saved_tiny), "--max-cells", "300"])

@@ -45,6 +45,7 @@ def _train(studies, tmp_path, **trainer):
     return before, {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_steps_as_one(two_studies, tmp_path):
     start, one = _train(two_studies, tmp_path / "one", devices=1)
     _, two = _train(two_studies, tmp_path / "two", devices=2, strategy="ddp_spawn")

@@ -74,6 +74,7 @@ def test_copy_returns_new_object_and_leaves_input(pbmc, tiny_model):
     assert_unchanged(before, pbmc)
 
 
+@pytest.mark.slow
 def test_embedding_is_batch_and_order_independent(pbmc, tiny_model):
     full = tiny_model.get_latent_representation(pbmc)
     one = tiny_model.get_latent_representation(pbmc, batch_size=1)
@@ -124,6 +125,7 @@ def test_matrix_formats_give_identical_embeddings(pbmc, tiny_model, convert):
     np.testing.assert_allclose(tiny_model.get_latent_representation(other), ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_views_and_backed_files(pbmc, tiny_model, tmp_path):
     ref = tiny_model.get_latent_representation(pbmc)
     view = pbmc[10:40]

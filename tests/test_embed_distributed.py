@@ -4,11 +4,13 @@ import json
 
 import anndata as ad
 import numpy as np
+import pytest
 
 import scxtrimo
 from scxtrimo.inference import EmbeddingStore as _Store
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(pbmc, tiny_model, tmp_path):
     cells = pbmc[:80].copy()
     path = tmp_path / "in.h5ad"
@@ -31,6 +33,7 @@ def test_two_processes_equal_one(pbmc, tiny_model, tmp_path):
     assert json.loads(b.uns["scxtrimo"]["X_scxtrimo"]["fingerprint"])["chunk_size"] == 20
 
 
+@pytest.mark.slow
 def test_distributed_resume_computes_only_missing_chunks(pbmc, tiny_model, tmp_path):
     from _stop import stopped_after_chunks
 

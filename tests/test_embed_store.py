@@ -42,6 +42,7 @@ def _markers(path: Path, key: str = "X_scxtrimo") -> dict[int, dict]:
     return _Store(path, key).done_chunks()
 
 
+@pytest.mark.slow
 def test_zarr_and_h5ad_outputs_equal_embed(h5ad, cells, tiny_model, reference, tmp_path):
     expected = scxtrimo.tl.embed(cells, tiny_model, copy=True).obsm["X_scxtrimo"]
     np.testing.assert_allclose(expected, reference, atol=ATOL)
@@ -71,6 +72,7 @@ def test_zarr_and_h5ad_outputs_equal_embed(h5ad, cells, tiny_model, reference, t
     np.testing.assert_allclose(slim.obsm["X_scxtrimo"], expected, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_resumed_after_stop_equals_uninterrupted(h5ad, tiny_model, reference, tmp_path):
     out = tmp_path / "e.zarr"
     with stopped_after_chunks(2):
@@ -92,6 +94,7 @@ def test_resumed_after_stop_equals_uninterrupted(h5ad, tiny_model, reference, tm
     assert _markers(out) == after
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes(h5ad, tiny_model, reference, tmp_path):
     """A real SIGKILL in the middle of a run of the command, then --resume."""
     model_dir = tmp_path / "tiny"
@@ -115,6 +118,7 @@ def test_killed_cli_run_resumes(h5ad, tiny_model, reference, tmp_path):
     np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scxtrimo"], reference, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_model_input_or_parameters(h5ad, cells, tiny_model, tmp_path):
     out = tmp_path / "e.zarr"
     with stopped_after_chunks(1):
@@ -148,6 +152,7 @@ def test_refuses_more_devices_than_exist(h5ad, tiny_model, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_shards_with_different_gene_sets(cells, tiny_model, tmp_path):
     rng = np.random.default_rng(1)
     first = cells[:50].copy()
@@ -170,6 +175,7 @@ def test_shards_with_different_gene_sets(cells, tiny_model, tmp_path):
     assert source.pieces(40, 70) == [(0, 40, 50), (1, 0, 20)]
 
 
+@pytest.mark.slow
 def test_zarr_input_and_sources(cells, h5ad, tiny_model, reference, tmp_path):
     path = tmp_path / "in.zarr"
     cells.write_zarr(path)
@@ -184,6 +190,7 @@ def test_zarr_input_and_sources(cells, h5ad, tiny_model, reference, tmp_path):
     np.testing.assert_allclose(ad.read_zarr(out).obsm["X_scxtrimo"], reference, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_cli_zarr_output_and_invalid_cells(cells, tiny_model, tmp_path):
     cells = cells.copy()
     X = cells.X.tolil()

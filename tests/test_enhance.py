@@ -45,6 +45,7 @@ def test_enhance_writes_only_documented_keys(cells, tiny_model):
     assert info["genes_outside_vocabulary"] == []
 
 
+@pytest.mark.slow
 def test_enhanced_values_are_the_decoder_predictions_in_column_order(cells, tiny_model):
     genes = ["LYZ", "CD3E", "MS4A1", "NKG7", "NOT_A_GENE_1"]
     scxtrimo.tl.enhance(cells, tiny_model, genes=genes, target_depth="fold:4", batch_size=3)

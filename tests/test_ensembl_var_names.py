@@ -17,10 +17,12 @@ def _versioned(adata):
     return out
 
 
+@pytest.mark.slow
 def test_versioned_ensembl_var_names_embed_like_symbols(pbmc, tiny_model, tmp_path):
     _check_like_symbols(pbmc, tiny_model, tmp_path)
 
 
+@pytest.mark.slow
 def test_versioned_ensembl_var_names_full_gene_set(shared_data, tiny_model, tmp_path):
     import anndata as ad
 
@@ -60,6 +62,7 @@ def _check_like_symbols(pbmc, tiny_model, tmp_path):
     np.testing.assert_allclose(ad.read_zarr(out).obsm["X_scxtrimo"], emb_id, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_duplicated_var_names_warn_and_are_summed(pbmc, tiny_model):
     genes = ["CD74", "LYZ", "B2M"]
     cols = [pbmc.var_names.get_loc(g) for g in genes]

@@ -26,6 +26,7 @@ def test_fails_fast_without_cuda(gpu_check, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cpu_smoke_run_writes_results(gpu_check, tmp_path):
     assert gpu_check.main(["--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -230,6 +230,7 @@ def test_gather_matches_dense_reference(case):
     np.testing.assert_array_equal(counts, ref_counts)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(case=csr_case(combos=PARALLEL_COMBOS))
 def test_gather_parallel_equals_serial(case):
@@ -257,6 +258,7 @@ def test_gather_parallel_dtypes(indptr_dtype, indices_dtype, data_dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_gather_edge_cases():
     indptr = np.array([0, 0, 3, 3], np.int64)
     indices = np.array([2, 0, 2], np.int32)
@@ -367,6 +369,7 @@ def test_row_sums_integer_values_and_empty():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(case=ragged_case(), max_genes=st.integers(-1, 8), genes64=st.booleans())
 def test_pack_tokens_matches_reference(case, max_genes, genes64):

@@ -35,6 +35,7 @@ def test_setup_anndata_validates_before_registering(pbmc):
         XTrimoGene.setup_anndata(pbmc, total_counts_key="cluster")
 
 
+@pytest.mark.slow
 def test_training_smoke_and_history(train_data):
     model = XTrimoGene(train_data, config="tiny", seed=0)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
@@ -51,6 +52,7 @@ def test_training_smoke_and_history(train_data):
     assert emb.shape == (train_data.n_obs, 4 * model.config.encoder_dim)
 
 
+@pytest.mark.slow
 def test_same_seed_same_training(pbmc):
     def run():
         data = pbmc[:32].copy()
@@ -72,6 +74,7 @@ def test_nonfinite_loss_stops_with_step(train_data):
         model.train(max_epochs=1, **TRAIN)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(train_data, tmp_path):
     model = XTrimoGene(train_data, config="tiny", seed=1)
     model.train(max_epochs=1, **TRAIN)
@@ -162,6 +165,7 @@ def test_gene_embeddings_dataframe(tiny_model):
     assert genes.index[0] == "A1BG"
 
 
+@pytest.mark.slow
 def test_gene_bias_starts_at_expected_masked_values(pbmc):
     from scxtrimo.data import MaskingSpec, map_genes
     from scxtrimo.train import expected_masked_values

@@ -53,6 +53,7 @@ def test_wheel_contents_and_size(wheel):
     assert data <= 15e6, f"{data / 1e6:.1f} MB of package data"
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

@@ -59,6 +59,7 @@ def _held_out_rows(adata, held_out=HELD_OUT, condition="ctrl"):
     )
 
 
+@pytest.mark.slow
 def test_shapes_obs_order_and_record(kang, shipped_model, kang_embedded, tmp_path):
     pred = scxtrimo.tl.predict_perturbation(kang, shipped_model, held_out=HELD_OUT, **ARGS, **FAST)
     controls = kang.obs_names[_held_out_rows(kang)]
@@ -88,6 +89,7 @@ def test_shapes_obs_order_and_record(kang, shipped_model, kang_embedded, tmp_pat
     pred.write_h5ad(tmp_path / "predicted.h5ad")  # the record is h5ad-writable
 
 
+@pytest.mark.slow
 def test_prediction_moves_towards_the_true_response(kang_embedded):
     pred = scxtrimo.tl.predict_perturbation(kang_embedded, held_out=HELD_OUT, **ARGS)
     lognorm = _perturbation._log_normalize(kang_embedded.X, 1e4)
@@ -106,6 +108,7 @@ def test_input_is_not_modified(kang_embedded):
     assert_only_changed(before, adata)
 
 
+@pytest.mark.slow
 def test_same_seed_same_prediction(kang_embedded):
     def run(seed):
         return scxtrimo.tl.predict_perturbation(
@@ -117,6 +120,7 @@ def test_same_seed_same_prediction(kang_embedded):
     assert not np.array_equal(first, run(1))  # the episodes are sampled with the seed
 
 
+@pytest.mark.slow
 def test_no_leakage_from_held_out_perturbed_cells(kang, shipped_model):
     """Arbitrary values in the held-out type's stimulated cells leave the prediction bitwise
     unchanged (through the model: they are neither embedded nor averaged)."""
@@ -148,6 +152,7 @@ def test_the_leakage_check_is_sensitive(kang_embedded):
     assert not np.array_equal(pred.X, reference.X)
 
 
+@pytest.mark.slow
 def test_several_conditions(kang_embedded):
     adata = kang_embedded.copy()
     stim = np.flatnonzero((adata.obs["condition"] == "stim").to_numpy())
@@ -172,6 +177,7 @@ def test_several_conditions(kang_embedded):
     assert (only_b.obs["perturbation"] == "stim_b").all()
 
 
+@pytest.mark.slow
 def test_expression_representation_needs_no_model(kang, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")

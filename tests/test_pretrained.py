@@ -44,6 +44,7 @@ def test_embed_uses_shipped_model_by_default(pbmc, shipped):
     np.testing.assert_allclose(emb, shipped.get_latent_representation(adata), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shipped_model_embedding_is_not_collapsed(pbmc_full, shipped):
     """Regression guard: a collapsed pretraining (the first recipe) scored 0.45 here."""
     labelled = (pbmc_full.obs["cell_type"] != "?").to_numpy()

@@ -162,6 +162,7 @@ def test_info_nce_prefers_matching_views():
         info_nce(z, z[:4])
 
 
+@pytest.mark.slow
 def test_multi_study_training_runs_and_records_the_corpus(model, two_studies, tmp_path):
     full, panel = two_studies
     before = [full.copy(), panel.copy()]
@@ -186,6 +187,7 @@ def test_multi_study_training_runs_and_records_the_corpus(model, two_studies, tm
         assert a.obs.equals(b.obs)
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_from_the_seed(two_studies, tmp_path):
     full, panel = two_studies
     weights = []

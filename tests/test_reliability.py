@@ -29,6 +29,7 @@ def _fresh(pbmc):
     return XTrimoGene(data, config="tiny", seed=0)
 
 
+@pytest.mark.slow
 def test_training_resumes_from_checkpoint_to_the_same_state(pbmc, tmp_path, monkeypatch):
     import scvi
 
@@ -103,6 +104,7 @@ def random_anndata(draw):
 
 
 @given(random_anndata())
+@pytest.mark.slow
 def test_embed_fuzz_matches_dense_reference_layout(tiny_model, case):
     adata, dense = case
     scxtrimo.tl.embed(adata, tiny_model, max_tokens=64)

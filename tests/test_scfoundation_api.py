@@ -88,6 +88,7 @@ def test_log_normalised_input_modes(parity, models):
     np.testing.assert_allclose(depth, parity["out_cell_ce_all_t4_A"], **CELL)
 
 
+@pytest.mark.slow
 def test_bulk_mode_matches_official(parity, models):
     bulk = ad.AnnData(
         X=parity["bulk_input"].astype(np.float64),
@@ -97,6 +98,7 @@ def test_bulk_mode_matches_official(parity, models):
     np.testing.assert_allclose(out, parity["out_bulk_ce_all_F"], **CELL)
 
 
+@pytest.mark.slow
 def test_expression_and_gene_embeddings_match_official(parity, user_adata, models):
     model = models["gene"]
     expr = model.get_expression(

@@ -27,6 +27,7 @@ def test_soma_source_reads_the_h5ad_rows(soma, pbmc):
         assert SomaSource(exp).shape == pbmc.shape
 
 
+@pytest.mark.slow
 def test_embedding_from_soma_equals_h5ad(soma, pbmc, tiny_model, tmp_path):
     uri, path = soma
     from_h5ad = scxtrimo.tl.embed_to_store(path, tmp_path / "a.zarr", tiny_model, chunk_size=50)

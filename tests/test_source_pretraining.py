@@ -142,6 +142,7 @@ def test_soma_training_gives_the_same_weights_as_anndata(soma, pbmc):
     assert _max_diff(runs["soma"], runs["anndata"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_dataloader_workers_read_soma_and_zarr(soma, pbmc, tmp_path):
     # Forked workers would hang in TileDB; SOMA studies get spawned workers (zarr: forked).
     uri, _ = soma
@@ -195,6 +196,7 @@ def test_bad_entries_raise_before_training(soma, pbmc, tmp_path):
     assert _max_diff(before, _weights(model)) == 0
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_resumes_at_the_next_batch(soma, pbmc, tmp_path, monkeypatch):
     import scvi
 
@@ -223,6 +225,7 @@ def test_mid_epoch_checkpoint_resumes_at_the_next_batch(soma, pbmc, tmp_path, mo
     assert _max_diff(_weights(resumed), expected) <= 1e-6
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_soma_corpus_take_the_same_steps_as_one(soma, pbmc, tmp_path):
     uri, _ = soma
     runs = {}
