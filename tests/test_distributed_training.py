@@ -13,6 +13,9 @@ import torch
 
 from scxtrimo.model import XTrimoGene
 
+# The two_studies fixture's 400-gene panel study: the coverage warning is expected.
+pytestmark = pytest.mark.filterwarnings("ignore::scxtrimo.data.LowVocabularyCoverageWarning")
+
 
 @pytest.fixture
 def two_studies(pbmc):

@@ -273,6 +273,9 @@ def test_other_gene_sets_work_and_a_gene_subset_warns(pbmc, tiny_model):
         np.testing.assert_allclose(tiny_model.get_latent_representation(padded), emb, atol=1e-6)
 
 
+# The duplicated var_names under test: anndata's and scxtrimo's warnings about them are expected.
+@pytest.mark.filterwarnings("ignore::scxtrimo.data.DuplicateGenesWarning")
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
 def test_duplicate_gene_names_are_summed(pbmc, tiny_model):
     cells = pbmc[:8].copy()
     names = list(cells.var_names)

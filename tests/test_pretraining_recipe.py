@@ -17,6 +17,9 @@ from scxtrimo.train import _datamodule as datamodule_mod
 from scxtrimo.train._datamodule import PretrainingDataset
 from scxtrimo.train._pretrain import DEFAULT_VIEW_MASKING, build_corpus
 
+# The two_studies fixture's 400-gene panel study: the coverage warning is expected.
+pytestmark = pytest.mark.filterwarnings("ignore::scxtrimo.data.LowVocabularyCoverageWarning")
+
 N_GENES = 19264
 
 

@@ -85,6 +85,8 @@ def test_soma_part_equals_the_h5ad_part(soma, pbmc):
     np.testing.assert_array_equal(clone[10:20].toarray(), pbmc.X[10:20].toarray())
 
 
+# A 6,000-gene shard: the coverage warning is expected.
+@pytest.mark.filterwarnings("ignore::scxtrimo.data.LowVocabularyCoverageWarning")
 def test_zarr_shards_and_concat_sources(pbmc, tmp_path):
     model = _model(pbmc)
     ref = build_corpus(model.module, [pbmc], max_genes=64).parts[0]
