@@ -318,11 +318,24 @@ def fit_scvi(adata, batch_key: str | None, quick: bool) -> tuple[np.ndarray, flo
     scvi.model.SCVI.setup_anndata(work, layer="counts", batch_key=batch_key)
     model = scvi.model.SCVI(work)
     kwargs = {"max_epochs": QUICK_SCVI_EPOCHS} if quick else {}
-    model.train(enable_progress_bar=False, **kwargs)
+    model.train(enable_progress_bar=False, callbacks=[_epoch_logger()], **kwargs)
     log(f"scVI trained {model.history['elbo_train'].shape[0]} epochs")
     t = time.perf_counter()
     latent = model.get_latent_representation()
     return latent, time.perf_counter() - t
+
+
+def _epoch_logger(every: int = 50):
+    """A Lightning callback that logs scVI's progress every ``every`` epochs (no bar)."""
+    from lightning.pytorch import Callback
+
+    class EpochLogger(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            epoch = trainer.current_epoch + 1
+            if epoch % every == 0:
+                log(f"scVI epoch {epoch}/{trainer.max_epochs}")
+
+    return EpochLogger()
 
 
 def fit_zero_shot(adata, batch_key: str | None, quick: bool) -> tuple[np.ndarray, float]:
