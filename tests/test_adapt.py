@@ -33,27 +33,38 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_adapt_changes_only_the_top_layers_and_nothing_passed_in(pbmc, tiny_model):
+def test_adapt_trains_a_cell_head_and_changes_nothing_passed_in(pbmc, tiny_model):
     before_data = pbmc.copy()
     before_model = _weights(tiny_model)
     adapted = scxtrimo.tl.adapt(pbmc, tiny_model, **FAST)
     assert adapted is not tiny_model
     assert _same(_weights(tiny_model), before_model)  # the model passed in is untouched
+    assert tiny_model.module.cell_head is None
     assert (pbmc.X != before_data.X).nnz == 0
     assert list(pbmc.obs.columns) == list(before_data.obs.columns)
     assert set(pbmc.uns) == set(before_data.uns)
     assert set(pbmc.obsm) == set(before_data.obsm)
     after = _weights(adapted)
-    last = f"encoder.layers.{tiny_model.config.encoder_depth - 1}."
-    changed = {k for k in after if not torch.equal(after[k], before_model[k])}
-    assert changed, "adaptation changed no weight"
-    assert all(k.startswith(last) or k.startswith("encoder.final_norm.") for k in changed)
+    assert all(torch.equal(after[k], before_model[k]) for k in before_model)  # encoder frozen
+    assert {k for k in after if k not in before_model} == {
+        k for k in after if k.startswith("cell_head.")
+    }
+    assert adapted.config.cell_head_dim == 64
     record = adapted.adaptation_
     assert record["n_cells"] == pbmc.n_obs
     assert record["result"]["steps"] == 4
     assert len(record["result"]["loss"]) == 4
     assert adapted.source_.endswith("+adapted")
     assert all(p.requires_grad for p in adapted.module.parameters())
+
+
+def test_adapting_layers_changes_only_the_top_layers(pbmc, tiny_model):
+    before = _weights(tiny_model)
+    after = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=1, **FAST))
+    last = f"encoder.layers.{tiny_model.config.encoder_depth - 1}."
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert changed
+    assert all(k.startswith((last, "encoder.final_norm.")) for k in changed)
 
 
 def test_adapt_is_seeded(pbmc, tiny_model):
@@ -67,9 +78,8 @@ def test_adapt_is_seeded(pbmc, tiny_model):
 def test_adapted_model_embeds_saves_and_loads(pbmc, tiny_model, tmp_path):
     adapted = scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=2, **FAST)
     scxtrimo.tl.embed(pbmc, adapted, key_added="X_adapted", progress_bar=False)
-    scxtrimo.tl.embed(pbmc, tiny_model, key_added="X_before", progress_bar=False)
+    assert pbmc.obsm["X_adapted"].shape == (pbmc.n_obs, 64)
     assert np.isfinite(pbmc.obsm["X_adapted"]).all()
-    assert not np.allclose(pbmc.obsm["X_adapted"], pbmc.obsm["X_before"])
     adapted.save(tmp_path / "m")
     loaded = XTrimoGene.load(tmp_path / "m")
     assert loaded.adaptation_["settings"]["n_layers"] == 2
@@ -116,7 +126,7 @@ def test_non_count_input_and_foreign_genes_are_refused(pbmc, tiny_model):
 def test_interrupted_adaptation_resumes_to_the_same_weights(
     pbmc, tiny_model, tmp_path, monkeypatch
 ):
-    spec = AdaptationSpec(max_steps=6, batch_size=16, seed=1)
+    spec = AdaptationSpec(n_layers=1, max_steps=6, batch_size=16, seed=1)
 
     def setup():
         model = tiny_model.copy()
@@ -169,7 +179,7 @@ def test_interrupted_adaptation_resumes_to_the_same_weights(
     assert len(result.loss) == 6
     assert _same(_weights(model), uninterrupted)
 
-    other = AdaptationSpec(max_steps=6, batch_size=16, seed=2)
+    other = AdaptationSpec(n_layers=1, max_steps=6, batch_size=16, seed=2)
     model, cache, pairs = setup()
     with pytest.raises(ValueError, match="different adaptation"):
         adapt_module(model.module, cache, pairs, other, checkpoint_dir=tmp_path, progress_bar=False)
@@ -230,11 +240,12 @@ def test_positive_pairs_are_mutual_and_cross_batch():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::scxtrimo.data.LowVocabularyCoverageWarning")
 def test_cross_batch_positives_mix_donors(kang):
     """On real PBMCs of three donors, adapting with batch_key mixes donors more than without."""
     from scxtrimo.metrics import batch_mixing
 
-    common = {"max_steps": 40, "batch_size": 32, "progress_bar": False, "seed": 0}
+    common = {"max_steps": 200, "progress_bar": False, "seed": 0}
     with_key = scxtrimo.tl.adapt(kang, batch_key="batch", cross_batch_share=1.0, **common)
     without = scxtrimo.tl.adapt(kang, cross_batch_share=0.0, **common)
     out = {}

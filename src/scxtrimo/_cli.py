@@ -275,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="subsample cells for quick runs (default: all)",
     )
+    demo.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="skip adapting the model to these cells (scxtrimo.tl.adapt)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
 

@@ -71,7 +71,7 @@ def embed_prepared(
         raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
     dev = resolve_device(module, device)
     module = module.to(dev).eval()
-    width = (4 if pooling == "all" else 1) * module.config.encoder_dim
+    width = module.embedding_width(pooling)
     unique_cells = np.unique(prep.cells)
     by_cell = np.empty((len(unique_cells), width), dtype=np.float32)
     use_autocast = dev.type == "cuda" and (autocast is None or autocast)
@@ -124,7 +124,7 @@ def encode_pooled(
         batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-            z = module.pool(h, batch["padding_mask"], pooling)
+            z = module.cell_embedding(h, batch["padding_mask"], pooling)
         return z.float()
     except (RuntimeError, torch.OutOfMemoryError) as err:
         n = tokens["gene_index"].shape[0]

@@ -67,14 +67,16 @@ class AdaptationMixin:
         *,
         batch_key: str | None = None,
         input_settings: InputSettings | None = None,
-        max_steps: int = 300,
+        max_steps: int = 1000,
         max_time: float | None = None,
-        n_layers: int = 1,
-        batch_size: int = 64,
-        lr: float = 3e-4,
+        n_layers: int = 0,
+        head_dim: int = 64,
+        batch_size: int = 256,
+        lr: float = 1e-3,
         n_neighbors: int = 10,
         cross_batch_share: float = 0.5,
         token_keep: float = 0.5,
+        noise: float = 0.1,
         temperature: float = 0.2,
         max_genes: int | Literal["all"] | None = None,
         max_cells: int = 20_000,
@@ -93,6 +95,7 @@ class AdaptationMixin:
         started = time.perf_counter()
         spec = AdaptationSpec(
             n_layers=n_layers,
+            head_dim=head_dim,
             batch_size=batch_size,
             lr=lr,
             temperature=temperature,
@@ -126,7 +129,7 @@ class AdaptationMixin:
                 "with the model as it is: scxtrimo.tl.embed(adata)."
             )
         per_cell = cache_bytes_per_cell(
-            self.module, prep.spec.max_genes, prep.stats.n_tokens[cells]
+            self.module, prep.spec.max_genes, prep.stats.n_tokens[cells], n_layers
         )
         limit = min(max_cells, int(max_memory_gb * 2**30 // per_cell))
         if limit < MIN_CELLS:
@@ -191,6 +194,8 @@ class AdaptationMixin:
         }
         if not source.endswith("+adapted"):
             self.source_ = f"{source}+adapted"
+        self.config_ = self.module.config.to_dict()  # now with the cell head
+        self._update_summary()
         self.is_trained_ = True
 
 

@@ -4,6 +4,7 @@ The configurations, the network and its three building blocks (embedding, encode
 the attention layers and kernels stay in their rooms (``module/_encoder``, ``module/_performer``).
 """
 
+from ._cell_head import CellHead
 from ._configs import CONFIGS, XTrimoGeneConfig, get_config
 from ._embedding import AutoDiscretizationEmbedding
 from ._encoder import TransformerEncoder
@@ -13,6 +14,7 @@ from ._performer import PerformerDecoder
 __all__ = [
     "CONFIGS",
     "AutoDiscretizationEmbedding",
+    "CellHead",
     "PerformerDecoder",
     "TransformerEncoder",
     "XTrimoGeneConfig",

@@ -107,6 +107,11 @@ class XTrimoGeneConfig:
         the genes the encoder saw and their full-depth values. 0 (scFoundation) scores masked
         positions only, which leaves predictions at a cell's own expressed genes untrained
         (what read-depth enhancement reads) and gives the encoder a weak training signal.
+    cell_head_dim
+        Width of the cell head's output (:class:`~scxtrimo.module.CellHead`, added by
+        :func:`scxtrimo.tl.adapt`); 0: no cell head (cells are embedded by the pooled vector).
+    cell_head_hidden
+        Hidden width of the cell head.
     """
 
     n_genes: int = 19264
@@ -130,6 +135,8 @@ class XTrimoGeneConfig:
     layer_norm_eps: float = 1e-5
     expression_gene_bias: bool = False
     visible_loss_weight: float = 0.0
+    cell_head_dim: int = 0
+    cell_head_hidden: int = 512
 
     def __post_init__(self) -> None:
         positive = ("n_genes", "bin_num", *_SIZE_FIELDS)
@@ -167,6 +174,10 @@ class XTrimoGeneConfig:
             raise ValueError(
                 f"`visible_loss_weight` must be >= 0, got {self.visible_loss_weight!r}."
             )
+        for name in ("cell_head_dim", "cell_head_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
 
@@ -218,6 +229,9 @@ class XTrimoGeneConfig:
         decoder = self.decoder_depth * decoder_layer + 2 * dd
         head = 2 * dd + dd + 1 + (self.seq_len if self.expression_gene_bias else 0)
         total = value_embedding + gene_embedding + encoder + (d * dd + dd) + decoder + head
+        if self.cell_head_dim:
+            hidden = self.cell_head_hidden
+            total += 4 * d * hidden + hidden + hidden * self.cell_head_dim + self.cell_head_dim
         if include_buffers:
             total += self.decoder_depth * self.nb_features * self.decoder_dim_head + 1
         return total

@@ -9,6 +9,7 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import nn
 
+from ._cell_head import CellHead
 from ._configs import XTrimoGeneConfig, get_config
 from ._embedding import AutoDiscretizationEmbedding
 from ._encoder import TransformerEncoder
@@ -95,6 +96,40 @@ class XTrimoGeneModule(BaseModuleClass):
         self.classifier = (
             nn.Linear(4 * cfg.encoder_dim, self.n_labels) if self.n_labels > 0 else None
         )
+        self.cell_head = (
+            CellHead(4 * cfg.encoder_dim, cfg.cell_head_hidden, cfg.cell_head_dim)
+            if cfg.cell_head_dim
+            else None
+        )
+
+    def add_cell_head(self, out_dim: int = 64, hidden_dim: int = 512) -> CellHead:
+        """Give the module a new, untrained :class:`CellHead`, replacing any.
+
+        The head's size is recorded in :attr:`config`, so that saved models rebuild it.
+        """
+        self.config = self.config.replace(cell_head_dim=out_dim, cell_head_hidden=hidden_dim)
+        device = next(self.parameters()).device
+        self.cell_head = CellHead(4 * self.config.encoder_dim, hidden_dim, out_dim).to(device)
+        return self.cell_head
+
+    def embedding_width(self, pooling: Pooling = "all") -> int:
+        """Width of :meth:`cell_embedding`'s output for ``pooling``."""
+        if pooling == "all":
+            return self.config.cell_head_dim or 4 * self.config.encoder_dim
+        return self.config.encoder_dim
+
+    def cell_embedding(
+        self, h: torch.Tensor, padding_mask: torch.Tensor, pooling: Pooling = "all"
+    ) -> torch.Tensor:
+        """Cell embeddings from encoder outputs: :meth:`pool`, then the cell head if there is one.
+
+        With a cell head (an adapted model), ``pooling="all"`` gives the head's output
+        (``config.cell_head_dim`` wide); ``"max"`` and ``"mean"`` always give the pooled vector.
+        """
+        z = self.pool(h, padding_mask, pooling)
+        if pooling == "all" and self.cell_head is not None:
+            return self.cell_head(z)
+        return z
 
     def gene_embedding_table(self) -> torch.Tensor:
         """The context-free gene-embedding table ``[n_genes + 3, encoder_dim]``.

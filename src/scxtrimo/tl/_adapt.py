@@ -30,14 +30,16 @@ def adapt(
     gene_ids_key: str | None = None,
     input_type: Literal["counts", "log1p", "bulk"] | None = None,
     total_counts_key: str | None = None,
-    max_steps: int = 300,
+    max_steps: int = 1000,
     max_time: float | None = None,
-    n_layers: int = 1,
-    batch_size: int = 64,
-    lr: float = 3e-4,
+    n_layers: int = 0,
+    head_dim: int = 64,
+    batch_size: int = 256,
+    lr: float = 1e-3,
     n_neighbors: int = 10,
     cross_batch_share: float = 0.5,
     token_keep: float = 0.5,
+    noise: float = 0.1,
     temperature: float = 0.2,
     max_genes: int | Literal["all"] | None = None,
     max_cells: int = 20_000,
@@ -51,19 +53,23 @@ def adapt(
     """Adapt a model to the user's own cells, self-supervised, before embedding them.
 
     PCA and scVI are fitted on the cells they embed; a pretrained model has never seen them.
-    ``adapt`` closes that gap in about the time scVI trains: it trains the top ``n_layers``
-    encoder layers on ``adata``'s unlabelled cells, and returns the adapted copy of the
-    model; embed with it as usual (``tl.embed(adata, adapted)``). The input and the model
-    passed in are not changed.
+    ``adapt`` fits the model to ``adata``'s unlabelled cells in about the time scVI trains
+    (often less), and returns the adapted copy; embed with it as usual
+    (``tl.embed(adata, adapted)``). The input and the model passed in are not changed.
 
-    The objective (details and measurements in the docs' adaptation page): InfoNCE between
-    two views of an anchor cell and of its *positive*, each view a random half of the cell's
-    gene tokens. The positive is the cell itself or one of its ``n_neighbors`` nearest cells
-    in a PCA of ``adata``'s own cells (the neighbourhoods a PCA user sees; labels are never
-    used); with ``batch_key``, with probability ``cross_batch_share``, one of its mutual
-    nearest neighbours in another batch, so that one cell state measured in different
-    donors or protocols is pulled together. The frozen lower layers run once over the cells
-    (cached), so a step costs only the adapted layers.
+    What is trained (details and measurements in the docs' adaptation page): a **cell head**
+    (:class:`~scxtrimo.module.CellHead`: standardisation and a two-layer MLP, ``head_dim``
+    wide) on the pooled encoder output, which becomes the model's cell embedding
+    (``pooling="all"``), and optionally the top ``n_layers`` encoder layers. The frozen part of
+    the encoder runs once over the cells (one inference pass, cached), so a step costs only
+    what is trained. The objective is InfoNCE between a view of an anchor cell and a view of
+    its *positive*: the cell itself or one of its ``n_neighbors`` nearest cells in a PCA of
+    ``adata``'s own cells (the neighbourhoods a PCA user sees; labels are never used); with
+    ``batch_key``, with probability ``cross_batch_share``, one of its mutual nearest
+    neighbours in another batch, so that one cell state measured in different donors or
+    protocols is pulled together. A view adds Gaussian noise (``noise``) to the standardised
+    pooled vector and, when layers are trained, keeps a random ``token_keep`` share of the
+    cell's gene tokens.
 
     Parameters
     ----------
@@ -80,15 +86,18 @@ def adapt(
         positives. ``None``: one batch.
     {doc_input_settings}
     max_steps
-        Optimisation steps (the default took about as long as scVI's default training on the
-        evaluation's cells; see the docs).
+        Optimisation steps (of ``batch_size`` anchors; the default's cost against scVI's
+        default training is measured in the docs).
     max_time
         Wall-time budget in seconds for the steps (``None``: none); training stops at
         whichever budget binds first and the learning-rate schedule ends there. A time
         budget makes the result depend on the machine's speed; ``max_steps`` alone is
         reproducible.
     n_layers
-        Top encoder layers trained (with the final LayerNorm); the layers below stay frozen.
+        Top encoder layers trained with the head (with the final LayerNorm); 0 (default):
+        the head alone on the frozen encoder, the cheapest (one inference pass, then seconds).
+    head_dim
+        Width of the adapted embedding.
     batch_size
         Anchor cells per step.
     lr
@@ -98,7 +107,9 @@ def adapt(
     cross_batch_share
         Probability that an anchor with cross-batch partners gets one as its positive.
     token_keep
-        Share of a cell's gene tokens in each view.
+        Share of a cell's gene tokens in each view (with ``n_layers >= 1``).
+    noise
+        Standard deviation of the noise added to a view's standardised pooled vector.
     temperature
         Softmax temperature of InfoNCE.
     max_genes
@@ -157,11 +168,13 @@ def adapt(
         max_steps=max_steps,
         max_time=max_time,
         n_layers=n_layers,
+        head_dim=head_dim,
         batch_size=batch_size,
         lr=lr,
         n_neighbors=n_neighbors,
         cross_batch_share=cross_batch_share,
         token_keep=token_keep,
+        noise=noise,
         temperature=temperature,
         max_genes=max_genes,
         max_cells=max_cells,

@@ -335,7 +335,7 @@ def embed_to_store(
             "input_type='bulk' scales every sample to the median library size of the whole "
             "data set, which a chunked run cannot know in advance; use scxtrimo.tl.embed."
         )
-    width = (4 if pooling == "all" else 1) * net.config.encoder_dim
+    width = net.module.embedding_width(pooling)
     params = {
         "key_added": key_added,
         "pooling": pooling,

@@ -1,11 +1,15 @@
-"""Adaptation: a model's top encoder layers trained on a user's own unlabelled cells.
+"""Adaptation: a cell head (and optionally the top encoder layers) trained on a user's cells.
 
 The recipe, and why it is cheap enough to run before every analysis (docs/adaptation.md):
 
-- the encoder layers below the adapted ones are frozen; their outputs for every cell are
-  computed once (one inference pass) and cached, so a step costs only the adapted layers;
-- the two views of a cell are random subsets of its cached gene tokens (``token_keep``), the
-  read-depth tokens T and S always kept;
+- a :class:`~scxtrimo.module.CellHead` (standardisation + two-layer MLP) is put on the pooled
+  encoder output; it becomes the model's cell embedding;
+- the encoder layers below the adapted ones (all of them by default, ``n_layers=0``) are
+  frozen; their outputs for every cell are computed once (one inference pass) and cached, so a
+  step costs only the head (and the adapted layers);
+- a view of a cell is its standardised pooled vector with Gaussian noise (``noise``) and, when
+  encoder layers are adapted, a random subset of its cached gene tokens (``token_keep``; the
+  read-depth tokens T and S always kept);
 - the objective is InfoNCE over the batch between an anchor cell's view and a view of its
   *positive*: the cell itself, one of its nearest neighbours in a PCA of the user's cells, or,
   with batches, one of its mutual nearest neighbours in another batch
@@ -53,7 +57,12 @@ class AdaptationSpec:
     Attributes
     ----------
     n_layers
-        Top encoder layers trained (the final LayerNorm with them); the rest stay frozen.
+        Top encoder layers trained with the cell head (with the final LayerNorm); 0: the head
+        alone, on the frozen encoder.
+    head_dim, head_hidden
+        Output and hidden width of the cell head.
+    noise
+        Standard deviation of the Gaussian noise added to a view's standardised pooled vector.
     batch_size
         Anchor cells per step (each with one positive: ``2 * batch_size`` views).
     lr, weight_decay, warmup_steps, min_lr_ratio
@@ -75,23 +84,29 @@ class AdaptationSpec:
         Seed of anchors, positives, views and dropout.
     """
 
-    n_layers: int = 1
-    batch_size: int = 64
-    lr: float = 3e-4
+    n_layers: int = 0
+    head_dim: int = 64
+    head_hidden: int = 512
+    noise: float = 0.1
+    batch_size: int = 256
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0
     temperature: float = 0.2
     token_keep: float = 0.5
     cross_batch_share: float = 0.5
-    max_steps: int = 300
+    max_steps: int = 1000
     max_time: float | None = None
     gradient_clip: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = {
-            "n_layers": self.n_layers >= 1,
+            "n_layers": self.n_layers >= 0,
+            "head_dim": self.head_dim >= 1,
+            "head_hidden": self.head_hidden >= 1,
+            "noise": self.noise >= 0,
             "batch_size": self.batch_size >= 2,
             "lr": self.lr > 0,
             "temperature": self.temperature > 0,
@@ -104,7 +119,8 @@ class AdaptationSpec:
         if bad:
             values = {name: getattr(self, name) for name in bad}
             raise ValueError(
-                f"Invalid adaptation settings {values}: n_layers >= 1, batch_size >= 2, lr > 0, "
+                f"Invalid adaptation settings {values}: n_layers >= 0, head_dim >= 1, head_hidden "
+                ">= 1, noise >= 0, batch_size >= 2, lr > 0, "
                 "temperature > 0, 0 < token_keep <= 1, 0 <= cross_batch_share <= 1, "
                 "max_steps >= 1 and max_time > 0 (or None)."
             )
@@ -153,30 +169,38 @@ class AdaptationResult:
 
 @dataclass
 class TokenCache:
-    """Frozen-layer outputs of every cell, padded to one length.
+    """What the frozen part of the encoder gives for every cell, computed once.
 
     Attributes
     ----------
     hidden
-        ``[cells, L, d]`` (bfloat16 on the CPU: half the memory; the adapted layers compute
-        in float32).
+        ``n_layers=0``: the pooled vectors ``[cells, 4 d]`` (float32). Otherwise the outputs of
+        the frozen layers ``[cells, L, d]``, padded to one length (bfloat16 on the CPU: half
+        the memory; the adapted layers compute in float32).
     padding_mask
-        ``[cells, L]``, ``True`` = padding.
+        ``[cells, L]``, ``True`` = padding; ``None`` for pooled vectors.
     """
 
     hidden: torch.Tensor
-    padding_mask: torch.Tensor
+    padding_mask: torch.Tensor | None = None
 
     @property
     def n_cells(self) -> int:
         """Number of cells."""
         return self.hidden.shape[0]
 
+    @property
+    def pooled(self) -> bool:
+        """Whether the cache holds pooled vectors (the whole encoder frozen)."""
+        return self.padding_mask is None
+
 
 def cache_bytes_per_cell(
-    module: XTrimoGeneModule, max_genes: int | None, n_tokens: np.ndarray
+    module: XTrimoGeneModule, max_genes: int | None, n_tokens: np.ndarray, n_layers: int
 ) -> int:
-    """Bytes one cell takes in a :class:`TokenCache`."""
+    """Bytes one cell takes in a :class:`TokenCache` for ``n_layers`` adapted layers."""
+    if n_layers == 0:
+        return 4 * module.config.encoder_dim * 4
     length = int(n_tokens.max() if max_genes is None else min(n_tokens.max(), max_genes)) + 2
     return length * module.config.encoder_dim * 2 + length
 
@@ -194,13 +218,21 @@ def cache_frozen_layers(
 ) -> TokenCache:
     """Run the token embedding and the first ``n_frozen`` encoder layers over ``cells`` once.
 
-    Row ``i`` of the cache is ``cells[i]`` (sorted, unique rows of ``prep``'s AnnData).
+    With ``n_frozen`` = the encoder's depth the cache holds the pooled vectors (``"all"``
+    pooling, without any cell head). Row ``i`` of the cache is ``cells[i]`` (sorted, unique
+    rows of ``prep``'s AnnData).
     """
-    lengths = prep.stats.n_tokens[cells]
-    cap = prep.spec.max_genes
-    width = int((lengths.max() if cap is None else min(lengths.max(), cap)) + 2)
-    hidden = torch.zeros((len(cells), width, module.config.encoder_dim), dtype=torch.bfloat16)
-    padding = torch.ones((len(cells), width), dtype=torch.bool)
+    depth = len(module.encoder.layers)
+    pooled = n_frozen >= depth
+    if pooled:
+        hidden = torch.zeros((len(cells), 4 * module.config.encoder_dim), dtype=torch.float32)
+        padding = None
+    else:
+        lengths = prep.stats.n_tokens[cells]
+        cap = prep.spec.max_genes
+        width = int((lengths.max() if cap is None else min(lengths.max(), cap)) + 2)
+        hidden = torch.zeros((len(cells), width, module.config.encoder_dim), dtype=torch.bfloat16)
+        padding = torch.ones((len(cells), width), dtype=torch.bool)
     module.eval()
     batches = iter_inference_batches(
         prep.matrix,
@@ -215,17 +247,16 @@ def cache_frozen_layers(
     with tqdm(total=len(cells), desc="Frozen layers", unit="cell", disable=not progress_bar) as bar:
         for batch in batches:
             tokens = {k: torch.from_numpy(v).to(device) for k, v in batch.tokens.items()}
-            x = module.encoder.run_layers(  # token embedding + the frozen layers
-                module.token_embeddings(
-                    tokens["gene_index"], tokens["value"], tokens["padding_mask"]
-                ),
-                tokens["padding_mask"],
-                stop=n_frozen,
-            )
+            mask = tokens["padding_mask"]
+            x = module.token_embeddings(tokens["gene_index"], tokens["value"], mask)
+            x = module.encoder.run_layers(x, mask, stop=None if pooled else n_frozen)
             rows = torch.from_numpy(np.searchsorted(cells, batch.cells))
-            length = x.shape[1]
-            hidden[rows, :length] = x.to("cpu", torch.bfloat16)
-            padding[rows, :length] = tokens["padding_mask"].to("cpu")
+            if pooled:
+                hidden[rows] = module.pool(x, mask, "all").float().cpu()
+            else:
+                length = x.shape[1]
+                hidden[rows, :length] = x.to("cpu", torch.bfloat16)
+                padding[rows, :length] = mask.to("cpu")
             bar.update(len(batch.cells))
     return TokenCache(hidden, padding)
 
@@ -262,14 +293,16 @@ def adapt_module(
     progress_bar: bool | None = None,
     cells: np.ndarray | None = None,
 ) -> AdaptationResult:
-    """Train the top ``spec.n_layers`` encoder layers of ``module`` in place.
+    """Give ``module`` a new cell head and train it (and the top ``spec.n_layers`` layers) in place.
 
     Parameters
     ----------
     module
-        The network; its top layers (and the encoder's final LayerNorm) change, nothing else.
+        The network; it gets a new :class:`~scxtrimo.module.CellHead` (``spec.head_dim`` wide,
+        replacing any), and its top ``spec.n_layers`` layers (and the encoder's final
+        LayerNorm) change; nothing else does.
     cache
-        Outputs of the frozen layers for the cells, from :func:`cache_frozen_layers` with
+        The frozen part's outputs for the cells, from :func:`cache_frozen_layers` with
         ``n_frozen = depth - spec.n_layers``.
     pairs
         Positives of the same cells (same row order), from
@@ -300,12 +333,20 @@ def adapt_module(
         raise ValueError(f"{pairs.n_cells} cells have positives but {cache.n_cells} are cached.")
     if cache.n_cells < spec.batch_size:
         spec = type(spec)(**{**asdict(spec), "batch_size": cache.n_cells})
+    if cache.pooled != (spec.n_layers == 0):
+        raise ValueError("The cache does not match n_layers (pooled vectors are for n_layers=0).")
     dev = resolve_device(module, device)
     show = settings.progress_bar if progress_bar is None else progress_bar
     module.to(dev)
-    trained = torch.nn.ModuleList(
-        [*module.encoder.layers[depth - spec.n_layers :], module.encoder.final_norm]
+    fingerprint = _fingerprint(
+        spec, cache, _weights_sha(module), np.arange(cache.n_cells) if cells is None else cells
     )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        head = module.add_cell_head(spec.head_dim, spec.head_hidden)
+    top = depth - spec.n_layers
+    layers = [*module.encoder.layers[top:], module.encoder.final_norm] if spec.n_layers else []
+    trained = torch.nn.ModuleList([head, *layers])
     before = {p: p.requires_grad for p in module.parameters()}
     for p in module.parameters():
         p.requires_grad_(False)
@@ -317,9 +358,6 @@ def adapt_module(
     generator = torch.Generator().manual_seed(spec.seed)
     result = AdaptationResult(steps=0, n_cells=cache.n_cells, n_with_partners=pairs.n_with_partners)
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    fingerprint = _fingerprint(
-        spec, cache, _weights_sha(module), np.arange(cache.n_cells) if cells is None else cells
-    )
     if path is not None and path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != fingerprint:
@@ -352,18 +390,44 @@ def adapt_module(
         torch.save(state, buffer)
         atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
-    def view(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def pooled_batch(rows: np.ndarray) -> torch.Tensor:
         index = torch.from_numpy(rows)
+        if cache.pooled:
+            return cache.hidden[index].to(dev)
         padding = cache.padding_mask[index].clone()
         drop = torch.rand(padding.shape, generator=generator) >= spec.token_keep
         drop[:, :2] = False  # T and S stay
         padding |= drop
-        return cache.hidden[index].to(dev, torch.float32), padding.to(dev)
+        padding = padding.to(dev)
+        h = module.encoder.run_layers(
+            cache.hidden[index].to(dev, torch.float32), padding, start=top
+        )
+        return module.pool(h, padding, "all")
 
     def embed(rows: np.ndarray) -> torch.Tensor:
-        x, padding = view(rows)
-        h = module.encoder.run_layers(x, padding, start=depth - spec.n_layers)
-        return module.pool(h, padding, "all")
+        x = head.standardise(pooled_batch(rows))
+        if spec.noise:
+            x = x + spec.noise * torch.randn(x.shape, generator=generator).to(dev)
+        return head(x, standardised=True)
+
+    if result.steps == 0:  # the head's standardisation: the frozen model's pooled vectors
+        with torch.no_grad():
+            if cache.pooled:
+                head.standardise_on(cache.hidden)
+            else:
+                chunks = [
+                    module.pool(
+                        module.encoder.run_layers(
+                            cache.hidden[i : i + 256].to(dev, torch.float32),
+                            cache.padding_mask[i : i + 256].to(dev),
+                            start=top,
+                        ),
+                        cache.padding_mask[i : i + 256].to(dev),
+                        "all",
+                    )
+                    for i in range(0, cache.n_cells, 256)
+                ]
+                head.standardise_on(torch.cat(chunks))
 
     module.eval()
     trained.train()
