@@ -67,7 +67,9 @@ def finetuned(kang_full):
     return model
 
 
-@pytest.mark.parametrize("mode", ["head", "last_layers", "full"])
+@pytest.mark.parametrize(
+    "mode", ["head", "last_layers", pytest.param("full", marks=pytest.mark.slow)]
+)
 def test_finetune_modes_train_exactly_their_parameters(kang, mode):
     ref, _ = reference_query(kang)
     XTrimoGene.setup_anndata(ref, labels_key="cell_type")

@@ -56,6 +56,7 @@ def test_failed_embed_leaves_no_output(h5ad, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_pretrain_then_embed(h5ad, tmp_path):
     model_dir = tmp_path / "model"
     args = ["-q", "pretrain", str(h5ad), "-o", str(model_dir), "--config", "tiny"]

@@ -485,6 +485,7 @@ def test_classification_head():
         module(encoder_only)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_fixed_batch():
     module = make_module().train()
     batch = make_batch([20, 35, 12, 28], [8, 8, 5, 8], seed=1)

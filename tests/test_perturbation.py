@@ -140,6 +140,7 @@ def test_no_leakage_from_held_out_perturbed_cells(kang, shipped_model):
     np.testing.assert_array_equal(pred.X, reference.X)
 
 
+@pytest.mark.slow
 def test_the_leakage_check_is_sensitive(kang_embedded):
     """The same change in a seen type's stimulated cells does change the prediction."""
     reference = scxtrimo.tl.predict_perturbation(kang_embedded, held_out=HELD_OUT, **ARGS, **FAST)

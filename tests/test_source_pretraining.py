@@ -132,6 +132,7 @@ def test_training_on_a_filtered_soma_source_and_an_anndata(soma, pbmc, pbmc_full
     assert model.trainer.global_step == 3
 
 
+@pytest.mark.slow
 def test_soma_training_gives_the_same_weights_as_anndata(soma, pbmc):
     uri, _ = soma
     runs = {}
