@@ -29,6 +29,8 @@ logger = logging.getLogger("scxtrimo")
 
 MODEL_FILE = "model.pt"
 METADATA_FILE = "model.json"
+#: LoRA fine-tuned models: the adapters and the classification head (tensors only).
+LORA_FILE = "lora_adapter.pt"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -198,6 +200,50 @@ def restore_saved_attributes(model: Any, metadata: dict) -> None:
     model.adaptation_ = metadata.get("adaptation")
 
 
+def lora_file_state(model: Any) -> dict[str, torch.Tensor] | None:
+    """What ``lora_adapter.pt`` holds for a LoRA fine-tuned model (else ``None``).
+
+    The adapter tensors of the last ``train(finetune="lora")`` run and the classification
+    head; ``model.json`` records the adapters' configuration and their base's fingerprint
+    (``classifier["lora"]``).
+    """
+    adapters = getattr(model, "lora_state_", None)
+    if not adapters or not (model.classifier_ or {}).get("lora"):
+        return None
+    head = {
+        f"classifier.{k}": v.detach().cpu() for k, v in model.module.classifier.state_dict().items()
+    }
+    return {**{k: v.detach().cpu() for k, v in adapters.items()}, **head}
+
+
+def read_lora_files(
+    dir_path: str | os.PathLike, prefix: str | None = None
+) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """Read the metadata and adapter file of a saved LoRA fine-tuned model.
+
+    Returns
+    -------
+    The metadata (``model.json``), the adapter and head tensors, and the adapter file's path.
+
+    Raises
+    ------
+    ValueError
+        If the saved model was not fine-tuned with LoRA (no adapters recorded or saved).
+    """
+    path = Path(dir_path)
+    prefix = prefix or ""
+    metadata = read_metadata(path / f"{prefix}{METADATA_FILE}", expected_class="XTrimoGene")
+    source = path / f"{prefix}{LORA_FILE}"
+    lora = (metadata.get("classifier") or {}).get("lora")
+    if not lora or not source.exists():
+        raise ValueError(
+            f"{path} holds no LoRA adapters ({'no ' + LORA_FILE if lora else 'not fine-tuned with LoRA'}): "
+            "only a model fine-tuned with model.train(finetune='lora') and saved with "
+            "model.save(...) has them. Load it with XTrimoGene.load(dir_path)."
+        )
+    return metadata, read_state_dict(source), str(source)
+
+
 # ----------------------------------------------------------------------------------------
 # JSON form of the registry, history and classification head
 # ----------------------------------------------------------------------------------------
@@ -286,6 +332,7 @@ def classifier_info(labels_key: str | None, categories: Sequence) -> dict:
         "finetune": None,
         "n_last_layers": None,
         "max_genes": None,
+        "lora": None,
     }
 
 
@@ -306,6 +353,12 @@ class SaveLoadMixin:
         **anndata_write_kwargs,
     ) -> None:
         """Save the model: weights (``model.pt``) and metadata (``model.json``).
+
+        A model fine-tuned with ``train(finetune="lora")`` is saved merged (``model.pt`` holds
+        the base weights plus the adapters, loaded and used like any model, as fast as the
+        base), and its adapters and head are written beside it (``lora_adapter.pt``, a few
+        MB) with the SHA-256 of the base they were trained on in ``model.json``: share the
+        small file and rebuild the model from its base with :meth:`apply_lora`.
 
         The weights file holds only tensors, so :meth:`load` reads it with
         ``torch.load(weights_only=True)``; the metadata record the scxtrimo version, the
@@ -335,6 +388,11 @@ class SaveLoadMixin:
                 raise ValueError("save_anndata=True but the model has no AnnData.")
             self.adata.write_h5ad(path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        lora = lora_file_state(self)
+        if lora is not None:  # LoRA: the adapters beside the merged model (apply_lora)
+            atomic_write(path / f"{prefix}{LORA_FILE}", lambda f: torch.save(lora, f))
+        else:
+            (path / f"{prefix}{LORA_FILE}").unlink(missing_ok=True)
         write_model_files(weights, path / f"{prefix}{METADATA_FILE}", state, saved_metadata(self))
 
     @classmethod
@@ -390,6 +448,10 @@ class SaveLoadMixin:
         )
         load_state_dict_checked(model.module, state, source=str(path / f"{prefix}{MODEL_FILE}"))
         restore_saved_attributes(model, metadata)
+        lora_path = path / f"{prefix}{LORA_FILE}"
+        if (classifier or {}).get("lora") and lora_path.exists():
+            saved = read_state_dict(lora_path)
+            model.lora_state_ = {k: v for k, v in saved.items() if not k.startswith("classifier.")}
         model.to_device(settings.resolve_device(device))
         model.module.eval()
         return model

@@ -131,6 +131,10 @@ class TrainingMixin:
         plan_kwargs: dict | None = None,
         finetune: FinetuneMode | None = None,
         n_last_layers: int = 1,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_targets: Sequence[str] | None = None,
         **trainer_kwargs,
     ):
         """Pretrain (read-depth-aware masked regression + a cell-level term) or fine-tune.
@@ -209,12 +213,24 @@ class TrainingMixin:
             embeddings are computed once, so epochs are almost free);
             ``"last_layers"``: the head, the last ``n_last_layers`` encoder layers and the
             encoder's final LayerNorm; ``"full"``: the head, the embeddings and the whole
-            encoder. Frozen parts run without dropout; the decoder is never changed. The
+            encoder; ``"lora"``: the head and low-rank adapters (peft LoRA) on the encoder's
+            linear layers, every base weight frozen (needs ``pip install scxtrimo[lora]``;
+            after training the adapters are merged into the weights, so the model embeds as
+            fast as before, and :meth:`save` also writes them beside a fingerprint of their
+            base; see :meth:`apply_lora`). Frozen parts run without dropout; the decoder is
+            never changed. The
             history then holds ``train_loss``/``validation_loss`` (cross-entropy) and
             ``train_accuracy``/``validation_accuracy``; predict with
             :func:`scxtrimo.tl.annotate`. ``masking`` is ignored; ``corpus`` is refused.
         n_last_layers
             Encoder layers trained with ``finetune="last_layers"``.
+        lora_rank, lora_alpha, lora_dropout
+            ``finetune="lora"``: rank ``r`` of each adapter, the scale numerator (the update
+            is ``alpha / r * B A``) and dropout on the adapters' input.
+        lora_targets
+            ``finetune="lora"``: the linear layers of every encoder layer to adapt (names
+            inside a layer); default ``("attention.qkv_proj", "attention.out_proj", "ff_in",
+            "ff_out")``, all the attention projections and the feed-forward layers.
         **trainer_kwargs
             More arguments for :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
             (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume, ``max_steps``,
@@ -253,7 +269,18 @@ class TrainingMixin:
                     "corpus= is for pretraining; fine-tuning trains on the registered, labelled "
                     "AnnData (model.add_classifier(adata, labels_key=...)). Drop corpus=."
                 )
-            return self._finetune(settings, finetune, n_last_layers)
+            lora = None
+            if finetune == "lora":
+                from scxtrimo.train._lora import LoraSpec, require_peft
+
+                require_peft()
+                lora = LoraSpec(
+                    rank=lora_rank,
+                    alpha=lora_alpha,
+                    dropout=lora_dropout,
+                    targets=None if lora_targets is None else tuple(lora_targets),
+                )
+            return self._finetune(settings, finetune, n_last_layers, lora=lora)
         return self._pretrain(
             settings,
             [self.adata] if corpus is None else corpus,
@@ -323,7 +350,13 @@ class TrainingMixin:
         self.default_max_genes_ = result.default_max_genes
         return result.output
 
-    def _finetune(self, settings: TrainingSettings, mode: FinetuneMode, n_last_layers: int) -> Any:
+    def _finetune(
+        self,
+        settings: TrainingSettings,
+        mode: FinetuneMode,
+        n_last_layers: int,
+        lora: Any = None,
+    ) -> Any:
         from scxtrimo.train import run_finetuning
 
         if self.module.classifier is None or not self.classifier_:
@@ -350,6 +383,7 @@ class TrainingMixin:
                 mode=mode,
                 n_last_layers=n_last_layers,
                 fit=self._fit,
+                lora=lora,
             )
         except BaseException:
             self.is_trained_ = was_trained
@@ -358,7 +392,79 @@ class TrainingMixin:
             raise
         self.classifier_ = {**self.classifier_, **result.classifier}
         self.training_args_ = result.training_args
+        # The adapters of a LoRA run (merged into the module), written by save() beside it.
+        self.lora_state_ = result.adapter_state
         return result.output
+
+    def apply_lora(self, dir_path: str | os.PathLike, *, prefix: str | None = None) -> None:
+        """Apply LoRA adapters saved by :meth:`save` to this model, the base they were trained on.
+
+        A model fine-tuned with ``train(finetune="lora")`` saves its merged weights
+        (``model.pt``, loaded by :meth:`load` like any model) and, beside them, the adapters
+        and the classification head alone (``lora_adapter.pt``, a few MB) with the SHA-256 of
+        the base weights they were trained on (``model.json``, ``classifier["lora"]``). This
+        method rebuilds the fine-tuned model from the base (e.g.
+        ``XTrimoGene.from_scfoundation()``) and the small adapter file: the base's
+        fingerprint is checked, peft's adapters are injected with the saved rank, scale and
+        targets, loaded, and merged into the weights; the saved head and its classes replace
+        this model's head. The model then embeds and annotates like the saved one, as fast as
+        the base.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save` for a LoRA fine-tuned model.
+        prefix
+            File-name prefix used when saving.
+
+        Raises
+        ------
+        ValueError
+            If the folder holds no adapters, or this model's weights are not the base the
+            adapters were trained on (the two fingerprints are named); nothing is changed then.
+        ImportError
+            Without peft (``pip install scxtrimo[lora]``).
+        """
+        from scxtrimo.train._lora import (
+            LoraSpec,
+            base_fingerprint,
+            discard_lora,
+            inject_lora,
+            load_lora_state,
+            merge_lora,
+            require_peft,
+        )
+
+        from ._io import read_lora_files
+
+        require_peft()
+        record, state, source = read_lora_files(dir_path, prefix)
+        lora = record["classifier"]["lora"]
+        expected = lora["base_weights_sha256"]
+        actual = base_fingerprint(self.module)
+        if actual != expected:
+            raise ValueError(
+                f"The LoRA adapters in {source} were trained on a base model with weights "
+                f"SHA-256 {expected}, but this model's weights (without the classification "
+                f"head) have SHA-256 {actual}: it is another model. Apply them to the base "
+                "they were trained on (the source it records: "
+                f"{record.get('source')!r}), or load the merged model with "
+                "XTrimoGene.load(dir_path)."
+            )
+        head = {k[len("classifier.") :]: v for k, v in state.items() if k.startswith("classifier.")}
+        adapters = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        inject_lora(self.module, LoraSpec.from_dict(lora))
+        try:
+            load_lora_state(self.module, adapters, source)
+        except BaseException:
+            discard_lora(self.module)
+            raise
+        merge_lora(self.module)
+        classifier = record["classifier"]
+        self._set_classifier(classifier["categories"], classifier["labels_key"], info=classifier)
+        self.module.classifier.load_state_dict(head)
+        self.module.eval()
+        self.lora_state_ = {k: v.clone() for k, v in adapters.items()}
 
 
 def registered_label_codes(manager: AnnDataManager, categories: Sequence[Any]) -> np.ndarray:

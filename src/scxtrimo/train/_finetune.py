@@ -20,14 +20,23 @@ from scxtrimo.data._matrix import as_row_accessible
 from scxtrimo.data._tokens import InputSpec, TokenIndex, inference_batch
 from scxtrimo.inference import PreparedInput, embed_prepared
 
+from ._lora import (
+    LoraSpec,
+    base_fingerprint,
+    count_parameters,
+    discard_lora,
+    inject_lora,
+    lora_state,
+    merge_lora,
+)
 from ._plan import XTrimoGeneTrainingPlan
 from ._settings import Fit, TrainingResult, TrainingSettings
 
 if TYPE_CHECKING:
     from scxtrimo.module import XTrimoGeneModule
 
-FinetuneMode = Literal["head", "last_layers", "full"]
-FINETUNE_MODES: tuple[str, ...] = ("head", "last_layers", "full")
+FinetuneMode = Literal["head", "last_layers", "full", "lora"]
+FINETUNE_MODES: tuple[str, ...] = ("head", "last_layers", "full", "lora")
 
 # Parts of the module that the classification loss never reaches (the decoder side).
 _DECODER_PARTS = ("decoder_embed", "decoder", "head_norm", "expression_head")
@@ -49,6 +58,9 @@ def finetune_plan(
         and the whole encoder. The decoder side (``decoder_embed``, ``decoder``,
         ``head_norm``, ``expression_head``) receives no gradient from the classification loss
         and is frozen in every mode, so its weights are left exactly as they were.
+        ``"lora"``: the classifier and the peft LoRA adapters of the encoder (see
+        :mod:`scxtrimo.train._lora`); every base weight is frozen. The adapters' names are
+        listed once they are injected (:func:`~scxtrimo.train._lora.inject_lora`).
     n_last_layers
         Encoder layers to train with ``mode="last_layers"`` (1 to the encoder depth).
 
@@ -79,11 +91,16 @@ def finetune_plan(
         prefixes += [f"encoder.layers.{i}." for i in range(first, depth)]
         frozen = ["value_embedding", "gene_embedding"]
         frozen += [f"encoder.layers.{i}" for i in range(first)]
+    elif mode == "lora":
+        prefixes = ["classifier."]
+        frozen = ["value_embedding", "gene_embedding"]
     else:
         prefixes = ["classifier.", "value_embedding.", "gene_embedding.", "encoder."]
         frozen = []
     trainable = [
-        name for name, _ in module.named_parameters() if any(name.startswith(p) for p in prefixes)
+        name
+        for name, _ in module.named_parameters()
+        if any(name.startswith(p) for p in prefixes) or (mode == "lora" and ".lora_" in name)
     ]
     return trainable, frozen
 
@@ -300,6 +317,7 @@ def run_finetuning(
     mode: FinetuneMode,
     n_last_layers: int,
     fit: Fit,
+    lora: LoraSpec | None = None,
 ) -> TrainingResult:
     """Fine-tune ``module``'s classification head (and more, by ``mode``) for ``labels``.
 
@@ -320,11 +338,17 @@ def run_finetuning(
     settings
         The run's settings.
     mode
-        ``"head"``, ``"last_layers"`` or ``"full"``.
+        ``"head"``, ``"last_layers"``, ``"full"`` or ``"lora"``.
     n_last_layers
         Encoder layers trained with ``mode="last_layers"``.
     fit
         Runs Lightning over the plan and data module (the model's train runner).
+    lora
+        The adapters of ``mode="lora"`` (default :class:`~scxtrimo.train._lora.LoraSpec()`).
+        peft's adapters are injected into the encoder, trained with the head, then merged
+        into the base weights (the module is a plain module again, as fast as the base); the
+        result carries the adapter tensors and the base's fingerprint. If training fails the
+        adapters are removed unmerged, leaving the base weights as they were.
 
     Returns
     -------
@@ -342,9 +366,17 @@ def run_finetuning(
             "creating the model, or model.add_classifier(adata, labels_key=...) for a "
             "pretrained or loaded model."
         )
+    saved_flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    lora_record = None
+    if mode == "lora":
+        lora = LoraSpec() if lora is None else lora
+        lora_record = {**lora.to_dict(), "base_weights_sha256": base_fingerprint(module)}
+        inject_lora(module, lora)
     trainable, frozen = finetune_plan(module, mode, n_last_layers)
     cells = prep.cells[labels[prep.cells] >= 0]
     if len(cells) < 2:
+        if mode == "lora":
+            discard_lora(module)
         raise ValueError("Fine-tuning needs at least 2 labelled, valid cells.")
     trainer_kwargs = dict(s.trainer_kwargs)
     if s.strategy is not None:
@@ -397,11 +429,13 @@ def run_finetuning(
         trainer_kwargs, gradient_clip_val=s.gradient_clip_val, precision=s.precision
     )
     keep = set(trainable)
-    saved_flags = {name: p.requires_grad for name, p in module.named_parameters()}
+    n_trainable = count_parameters(module, trainable)
     for name, param in module.named_parameters():
         param.requires_grad_(name in keep)
     torch.manual_seed(s.seed)
     module.train()
+    adapter_state = None
+    succeeded = False
     try:
         out = fit(
             plan,
@@ -411,17 +445,25 @@ def run_finetuning(
             devices=s.devices,
             trainer_kwargs=trainer_kwargs,
         )
+        succeeded = True
     finally:
         if mode == "head":
             _from_standardised(module.classifier, *scaling)
+        if mode == "lora":
+            if succeeded:
+                adapter_state = lora_state(module)
+                merge_lora(module)  # as fast as the base from now on
+            else:
+                discard_lora(module)
         for name, param in module.named_parameters():
-            param.requires_grad_(saved_flags[name])
+            param.requires_grad_(saved_flags.get(name, True))
         module.eval()
     classifier = {
         "trained": True,
         "finetune": mode,
         "n_last_layers": int(n_last_layers) if mode == "last_layers" else None,
         "max_genes": s.max_genes,
+        "lora": lora_record,
     }
     training_args = {
         "finetune": mode,
@@ -434,8 +476,9 @@ def run_finetuning(
         "max_genes": s.max_genes,
         "seed": s.seed,
         "n_cells": len(cells),
-        "trainable_parameters": int(
-            sum(p.numel() for n, p in module.named_parameters() if n in keep)
-        ),
+        "trainable_parameters": n_trainable,
+        "lora": lora_record,
     }
-    return TrainingResult(training_args, output=out, classifier=classifier)
+    return TrainingResult(
+        training_args, output=out, classifier=classifier, adapter_state=adapter_state
+    )

@@ -84,9 +84,12 @@ class TrainingResult:
         Pretraining: the gene cap the module now expects at inference; ``None`` otherwise.
     classifier
         Fine-tuning: what to add to the model's ``classifier_`` record (mode, gene cap...).
+    adapter_state
+        LoRA fine-tuning: the trained adapter tensors (already merged into the module).
     """
 
     training_args: dict[str, Any]
     output: Any = None
     default_max_genes: int | None = None
     classifier: dict[str, Any] | None = None
+    adapter_state: dict[str, Any] | None = None
