@@ -12,6 +12,12 @@ the wall time is printed. ``--ship`` then writes ``src/scxtrimo/_resources/pretr
 the weights rounded to float16 (the shipped model *is* the rounded one: every number reported
 for it is measured after rounding).
 
+``--cell-head MODEL_DIR`` fits the default's cell head (``scxtrimo.module.CellHead``, the
+recipe of ``tl.adapt``) on the frozen encoder of a saved model over the same training corpus:
+positives are each cell's neighbours in its own study's PCA, and every step's anchors come from
+one study (studies have different gene panels: none is another's negative). The result is
+saved to ``OUT/final_head`` (``--ship`` packages it).
+
 Ablations (same budget, one switch each): ``--no-depth-pairs`` (no down-sampling, so no
 shallow/deep pairs), ``--no-contrastive`` (masked regression only), ``--one-study`` (pbmc4k
 only); ``--max-cells-per-study N`` caps every study's training cells (a balanced
@@ -82,6 +88,52 @@ START = time.time()
 STEPS_DONE = [0]
 
 
+def fit_corpus_head(model, corpus, seed: int, steps: int) -> dict:
+    """Give ``model`` a cell head fitted on ``corpus`` (one AnnData per study), in place."""
+    from scxtrimo.model._adaptation import rows_as_csr
+    from scxtrimo.train import (
+        AdaptationSpec,
+        PositivePairs,
+        TokenCache,
+        adapt_module,
+        cache_frozen_layers,
+        expression_features,
+        positive_pairs,
+    )
+
+    pooled, neighbours, groups, offset = [], [], [], 0
+    depth = model.config.encoder_depth
+    for number, study in enumerate(corpus):
+        prep = model.prepare_input(study, invalid="skip")
+        cells = np.unique(prep.cells)
+        cache = cache_frozen_layers(
+            model.module, prep, cells, depth, device=torch.device("cpu"), progress_bar=True
+        )
+        pairs = positive_pairs(expression_features(rows_as_csr(prep.matrix, cells), seed=seed))
+        pooled.append(cache.hidden)
+        neighbours.append(pairs.neighbours + offset)
+        groups.append(np.full(len(cells), number))
+        offset += len(cells)
+        print(
+            f"study {number}: {len(cells)} cells cached ({time.time() - START:.0f} s)", flush=True
+        )
+    pairs = PositivePairs(
+        np.concatenate(neighbours), np.zeros(offset + 1, np.int64), np.empty(0, np.int64)
+    )
+    spec = AdaptationSpec(max_steps=steps, seed=seed)
+    result = adapt_module(
+        model.module, TokenCache(torch.cat(pooled)), pairs, spec, groups=np.concatenate(groups)
+    )
+    model.config_ = model.module.config.to_dict()
+    model.adaptation_ = {
+        "settings": spec.to_dict(),
+        "corpus_cells": offset,
+        "n_studies": len(corpus),
+        "result": result.to_dict(),
+    }
+    return model.adaptation_
+
+
 def main() -> None:
     """Train (and optionally package) the default model."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -106,6 +158,10 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true")
     parser.add_argument("--package", type=Path, default=None, help="package MODEL_DIR only")
     parser.add_argument("--notes", default="")
+    parser.add_argument(
+        "--cell-head", type=Path, default=None, help="fit a cell head on MODEL_DIR's encoder"
+    )
+    parser.add_argument("--head-steps", type=int, default=2000)
     args = parser.parse_args()
     if args.package is not None:
         package(args.package, args.notes)
@@ -118,6 +174,17 @@ def main() -> None:
     from scxtrimo.model import XTrimoGene
 
     splits = splits_mod.all_splits(args.data)
+    if args.cell_head is not None:
+        model = XTrimoGene.load(args.cell_head)
+        record = fit_corpus_head(
+            model, splits_mod.training_corpus(splits), args.seed, args.head_steps
+        )
+        model.save(args.out / "final_head", overwrite=True)
+        wall = time.time() - START
+        print(f"cell head fitted in {wall / 60:.1f} min on {record['corpus_cells']} cells")
+        if args.ship:
+            package(args.out / "final_head", args.notes or "cell head fitted on the corpus")
+        return
     studies = ("pbmc4k",) if args.one_study else None
     corpus = splits_mod.training_corpus(splits, studies)
     if args.max_cells_per_study:  # balance the studies: cap each one's training cells (seeded)

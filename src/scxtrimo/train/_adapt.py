@@ -292,6 +292,7 @@ def adapt_module(
     checkpoint_every: int = 50,
     progress_bar: bool | None = None,
     cells: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> AdaptationResult:
     """Give ``module`` a new cell head and train it (and the top ``spec.n_layers`` layers) in place.
 
@@ -321,6 +322,10 @@ def adapt_module(
         Show a progress bar (default: ``scxtrimo.settings.progress_bar``).
     cells
         Row numbers the cache holds (recorded in the checkpoint's fingerprint).
+    groups
+        ``[cells]`` group labels (e.g. studies with different gene panels): each step draws
+        its anchors from one group (picked with probability proportional to its size), so
+        that cells of different groups are never each other's negatives. ``None``: one group.
 
     Returns
     -------
@@ -356,6 +361,14 @@ def adapt_module(
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     rng = np.random.default_rng(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
+    if groups is None:
+        members = [np.arange(cache.n_cells)]
+    else:
+        if len(groups) != cache.n_cells:
+            raise ValueError(f"{len(groups)} group labels for {cache.n_cells} cells.")
+        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    weights = np.array([len(m) for m in members], dtype=np.float64)
+    weights /= weights.sum()
     result = AdaptationResult(steps=0, n_cells=cache.n_cells, n_with_partners=pairs.n_with_partners)
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if path is not None and path.is_file():
@@ -455,7 +468,10 @@ def adapt_module(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = spec.lr * factor
-                anchors = rng.choice(cache.n_cells, spec.batch_size, replace=False)
+                group = (
+                    members[rng.choice(len(members), p=weights)] if len(members) > 1 else members[0]
+                )
+                anchors = rng.choice(group, min(spec.batch_size, len(group)), replace=False)
                 positives = pairs.draw(anchors, spec.cross_batch_share, rng)
                 loss = info_nce(embed(anchors), embed(positives), spec.temperature)
                 if not torch.isfinite(loss):
