@@ -138,7 +138,7 @@ def load_models(args) -> dict[str, XTrimoGene]:
     ref = splits_mod.pbmc4k_split(splits_mod.data_dir(args.data)).adata
     XTrimoGene.setup_anndata(ref)
     torch.manual_seed(0)
-    untrained = XTrimoGene(ref, config=default.config, seed=0)
+    untrained = XTrimoGene(ref, config=default.config.replace(cell_head_dim=0), seed=0)
     untrained.default_max_genes_ = default.default_max_genes_
     untrained.default_target_depth_ = default.default_target_depth_
     models["untrained"] = untrained
@@ -208,16 +208,17 @@ def main() -> None:
         table = {"PCA-50 (2,000 HVGs)": scores(pca, labels, ref, query)}
         for name, model in models.items():
             tm = time.time()
-            emb = np.full((adata.n_obs, model.module.config.encoder_dim * 4), np.nan, np.float32)
+            emb = np.full((adata.n_obs, model.module.embedding_width()), np.nan, np.float32)
             emb[rows] = model.get_latent_representation(
                 adata, indices=rows, progress_bar=False, invalid_cells="raise"
             )
             table[name] = scores(emb, labels, ref, query)
-            if name == "default":  # which part of the pooled vector carries the cell type
+            pooled = model.module.cell_head is None  # the parts of [h(S), h(T), max, mean]
+            if name == "default" and pooled:  # which part of the pooled vector carries the type
                 dim = model.module.config.encoder_dim
                 for variant, sub in variants(emb, dim, ref).items():
                     table[f"default: {variant}"] = scores(sub, labels, ref, query)
-            if task == "pbmc4k":
+            if task == "pbmc4k" and pooled:
                 results["diagnosis"][name] = diagnosis(
                     emb, adata, query, model.module.config.encoder_dim
                 )
