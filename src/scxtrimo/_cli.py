@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cells per chunk, the unit of writing and resuming (default: 4096)",
     )
+    emb.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="fp32; bf16 (autocast; CPU with AVX512-BF16/AMX, or CUDA); int8 (CPU: int8 encoder "
+        "linear layers, dynamic activation quantisation)",
+    )
     emb.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     emb.add_argument(
         "--devices",
@@ -328,6 +335,7 @@ def run_embed(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             max_genes=args.max_genes,
             invalid_cells="skip" if args.skip_invalid_cells else "raise",
+            precision=args.precision,
             chunk_size=args.chunk_size,
             resume=args.resume,
             overwrite=args.overwrite,

@@ -21,6 +21,7 @@ from ._decode import DecoderOutput, gene_embedding_table, iter_decoder, vocabula
 from ._encode import embed_prepared, encode_pooled
 from ._input import InputSettings
 from ._io import atomic_write
+from ._precision import Int8DynamicLinear, Precision, check_precision, quantized_copy
 from ._prepare import (
     InvalidCells,
     Pooling,
@@ -52,12 +53,15 @@ __all__ = [
     "DecoderOutput",
     "EmbeddingStore",
     "InputSettings",
+    "Int8DynamicLinear",
     "InvalidCells",
     "Pooling",
+    "Precision",
     "PreparedInput",
     "StoreWriter",
     "atomic_write",
     "check_max_genes",
+    "check_precision",
     "check_setup_arguments",
     "embed_prepared",
     "encode_pooled",
@@ -69,6 +73,7 @@ __all__ = [
     "model_fingerprint",
     "predict_chunks",
     "prepare_input",
+    "quantized_copy",
     "resolve_device",
     "resolve_max_genes",
     "vocabulary_positions",

@@ -15,6 +15,7 @@ from scxtrimo.data._tokens import InputSpec, TokenIndex
 from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_message, scan_cells
 
 from ._encode import encode_pooled
+from ._precision import module_for_precision
 from ._store import leaf_sources
 
 DEFAULT_CHUNK_SIZE = 4096
@@ -51,6 +52,8 @@ class ChunkEngine:
         As in :func:`embed_prepared`.
     autocast
         As in :func:`embed_prepared`.
+    precision
+        As in :func:`embed_prepared`.
     total_counts_key
         ``obs`` column of per-cell total counts, or ``None``.
     source
@@ -75,6 +78,7 @@ class ChunkEngine:
     source: Any = None
     n_obs: int = 0
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    precision: str = "fp32"
 
     def chunk_rows(self, k: int) -> tuple[int, int]:
         """Global rows ``start, stop`` of chunk ``k``."""
@@ -137,8 +141,14 @@ class ChunkEngine:
         cells = np.setdiff1d(np.arange(n), bad) if bad.size else np.arange(n)
         out = torch.full((n, self.width), float("nan"), dtype=torch.float32, device=device)
         if cells.size:
-            module = self.module.to(device).eval()
-            use_autocast = device.type == "cuda" and (self.autocast is None or self.autocast)
+            module, dtype = module_for_precision(
+                self.module.to(device).eval(), self.precision, device
+            )
+            use_autocast = dtype or (
+                self.precision == "fp32"
+                and device.type == "cuda"
+                and (self.autocast is None or self.autocast)
+            )
             batches = iter_inference_batches(
                 block,
                 col_to_vocab,

@@ -13,6 +13,7 @@ from scxtrimo._settings import settings
 from scxtrimo.data._loading import iter_inference_batches
 from scxtrimo.data._tokens import TokenIndex
 
+from ._precision import Precision, module_for_precision
 from ._prepare import Pooling, PreparedInput, is_oom, resolve_device
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def embed_prepared(
     autocast: bool | None = None,
     progress_bar: bool | None = None,
     rows: np.ndarray | None = None,
+    precision: Precision = "fp32",
 ) -> np.ndarray:
     """Cell embeddings of checked input: the encoder pass and pooling, never the decoder.
 
@@ -56,11 +58,17 @@ def embed_prepared(
     device
         Where to compute; default: where the module's weights are.
     autocast
-        bf16 autocast on CUDA (default on CUDA: True; ignored on CPU).
+        bf16 autocast on CUDA with ``precision="fp32"`` (default on CUDA: True; ignored on
+        CPU).
     progress_bar
         Show a progress bar (default ``scxtrimo.settings.progress_bar``).
     rows
         Rows of the AnnData to return, in that order (default: every row).
+    precision
+        ``"fp32"``; ``"bf16"`` (autocast, CPU and CUDA); ``"int8"`` (CPU: the encoder's linear
+        layers in int8 with dynamically quantised activations, on a cached copy of the module;
+        ``module`` itself is not changed). Refused with a clear error where the hardware lacks
+        it; see :func:`~scxtrimo.inference.check_precision`.
 
     Returns
     -------
@@ -71,10 +79,13 @@ def embed_prepared(
         raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
     dev = resolve_device(module, device)
     module = module.to(dev).eval()
+    run, dtype = module_for_precision(module, precision, dev)
     width = module.embedding_width(pooling)
     unique_cells = np.unique(prep.cells)
     by_cell = np.empty((len(unique_cells), width), dtype=np.float32)
-    use_autocast = dev.type == "cuda" and (autocast is None or autocast)
+    use_autocast = dtype or (
+        precision == "fp32" and dev.type == "cuda" and (autocast is None or autocast)
+    )
     show = settings.progress_bar if progress_bar is None else progress_bar
 
     batches = iter_inference_batches(
@@ -92,7 +103,7 @@ def embed_prepared(
         total=len(unique_cells), desc="Embedding cells", unit="cell", disable=not show
     ) as bar:
         for batch in batches:
-            z = encode_pooled(module, batch.tokens, dev, pooling, use_autocast)
+            z = encode_pooled(run, batch.tokens, dev, pooling, use_autocast)
             by_cell[np.searchsorted(unique_cells, batch.cells)] = z.cpu().numpy()
             bar.update(len(batch.cells))
     rows = np.arange(prep.matrix.shape[0]) if rows is None else np.asarray(rows, np.int64)
@@ -111,18 +122,20 @@ def encode_pooled(
     tokens: dict[str, np.ndarray],
     device: torch.device,
     pooling: str,
-    use_autocast: bool,
+    use_autocast: bool | torch.dtype,
 ) -> torch.Tensor:
     """Pooled float32 embeddings of one batch of encoder tokens, left on ``device``.
 
     A batch that runs out of memory is retried in halves (down to single cells); both
     :func:`embed_prepared` and the chunks of :func:`~scxtrimo.tl.embed_to_store` embed
     through here. ``tokens`` are the arrays of ``data._loading.iter_inference_batches``'s
-    batches; ``pooling`` is as in :func:`embed_prepared`.
+    batches; ``pooling`` is as in :func:`embed_prepared`. ``use_autocast``: ``True`` (bf16),
+    an autocast dtype, or ``False``.
     """
     try:
         batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in tokens.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        dtype = use_autocast if isinstance(use_autocast, torch.dtype) else torch.bfloat16
+        with torch.autocast(device.type, dtype=dtype, enabled=bool(use_autocast)):
             h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
             z = module.cell_embedding(h, batch["padding_mask"], pooling)
         return z.float()

@@ -43,6 +43,7 @@ class OutputsMixin:
         device: str | torch.device | None = None,
         autocast: bool | None = None,
         progress_bar: bool | None = None,
+        precision: Literal["fp32", "bf16", "int8"] = "fp32",
         **setup_overrides,
     ) -> np.ndarray:
         """Cell embeddings from the encoder (the decoder never runs).
@@ -79,9 +80,15 @@ class OutputsMixin:
         device
             Where to compute; defaults to the model's device.
         autocast
-            bf16 autocast on CUDA (default on CUDA: True; ignored on CPU).
+            bf16 autocast on CUDA with ``precision="fp32"`` (default on CUDA: True; ignored on
+            CPU).
         progress_bar
             Show a progress bar (default ``scxtrimo.settings.progress_bar``).
+        precision
+            ``"fp32"`` (default), ``"bf16"`` (autocast, CPU with AVX512-BF16/AMX or CUDA) or
+            ``"int8"`` (CPU: the encoder's linear layers in int8 with dynamically quantised
+            activations, on a cached copy of the module; the model is not changed). Refused
+            with a clear error where the hardware lacks it.
         **setup_overrides
             ``layer``, ``gene_symbols_key``, ``gene_ids_key``, ``input_type``,
             ``total_counts_key`` for this AnnData.
@@ -114,6 +121,7 @@ class OutputsMixin:
             autocast=autocast,
             progress_bar=progress_bar,
             rows=requested,
+            precision=precision,
         )
 
     def predict(

@@ -38,6 +38,7 @@ def embed(
     pooling: Literal["all", "max", "mean"] = "all",
     target_depth: float | str | None = None,
     invalid_cells: Literal["raise", "skip"] = "raise",
+    precision: Literal["fp32", "bf16", "int8"] = "fp32",
     mod: str = "rna",
     device: str | None = None,
     progress_bar: bool | None = None,
@@ -78,6 +79,12 @@ def embed(
         uses the model's default.
     invalid_cells
         Cells with fewer than 2 in-vocabulary counts: ``"raise"`` or ``"skip"`` (NaN rows).
+    precision
+        ``"fp32"`` (default); ``"bf16"`` (autocast, CPU with AVX512-BF16/AMX, or CUDA);
+        ``"int8"`` (CPU: the encoder's linear layers in int8 with dynamically quantised
+        activations, on a copy of the model; the model is not changed). See
+        :doc:`/performance` for speed and fidelity; refused with a clear error where the
+        hardware lacks it.
     mod
         Modality to embed when ``adata`` is a MuData.
     device
@@ -128,12 +135,14 @@ def embed(
         max_tokens=max_tokens,
         device=device,
         progress_bar=progress_bar,
+        precision=precision,
     )
     target.obsm[key_added] = emb
     params = {
         "model": net.source_,
         "model_config": getattr(net.config, "name", None) or "custom",
         "pooling": pooling,
+        "precision": precision,
         "target_depth": prep.spec.target_depth.official(),
         "max_genes": prep.spec.max_genes,
         "input_type": prep.spec.input_type,

@@ -40,9 +40,11 @@ from scxtrimo.inference import (
     DEFAULT_CHUNK_SIZE,
     ChunkEngine,
     EmbeddingStore,
+    check_precision,
     input_fingerprint,
     leaf_sources,
     model_fingerprint,
+    resolve_device,
 )
 
 from ._common import load_model
@@ -153,6 +155,7 @@ def embed_to_store(
     pooling: Literal["all", "max", "mean"] = "all",
     target_depth: float | str | None = None,
     invalid_cells: Literal["raise", "skip"] = "raise",
+    precision: Literal["fp32", "bf16", "int8"] = "fp32",
     min_overlap: float = 0.5,
     chunk_size: int | None = None,
     resume: bool = False,
@@ -191,7 +194,7 @@ def embed_to_store(
     key_added, layer, gene_symbols_key, gene_ids_key, input_type, total_counts_key
         As in :func:`~scxtrimo.tl.embed` (``input_type="bulk"`` is not supported here: its
         scale is the median over all samples; use :func:`~scxtrimo.tl.embed`).
-    batch_size, max_tokens, max_genes, pooling, target_depth, invalid_cells
+    batch_size, max_tokens, max_genes, pooling, target_depth, invalid_cells, precision
         As in :func:`~scxtrimo.tl.embed`. With ``invalid_cells="raise"`` a chunk with such
         cells stops the run with the list of them (the finished chunks are kept).
     min_overlap
@@ -258,6 +261,8 @@ def embed_to_store(
         raise ValueError(f"pooling must be 'all', 'max' or 'mean', not {pooling!r}.")
     if invalid_cells not in ("raise", "skip"):
         raise ValueError(f"invalid_cells must be 'raise' or 'skip', not {invalid_cells!r}.")
+    if precision not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'int8', not {precision!r}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     external = _externally_launched()
@@ -287,6 +292,8 @@ def embed_to_store(
 
     # 2. Model, input and every check that does not need the whole data.
     net = load_model(model, device=device)
+    if not multi:
+        check_precision(precision, resolve_device(net.module, device))
     input_kind_h5ad = isinstance(source, str | os.PathLike) and str(source).endswith(".h5ad")
     given = source
     soma_kwargs = {}
@@ -349,6 +356,8 @@ def embed_to_store(
         "invalid_cells": invalid_cells,
         "width": width,
     }
+    if precision != "fp32":  # stores of fp32 runs keep the fingerprint they always had
+        params["precision"] = precision
     fingerprint = {
         "format": EmbeddingStore.FORMAT,
         "version": EmbeddingStore.VERSION,
@@ -412,6 +421,7 @@ def embed_to_store(
         source=source,
         n_obs=n_obs,
         chunk_size=chunk,
+        precision=precision,
     )
     n_chunks = -(-n_obs // chunk)
     if store.is_complete():
@@ -453,6 +463,7 @@ def embed_to_store(
         "model": net.source_,
         "model_config": getattr(net.config, "name", None) or "custom",
         "pooling": pooling,
+        "precision": precision,
         "target_depth": params["target_depth"],
         "max_genes": params["max_genes"],
         "input_type": params["input_type"],
