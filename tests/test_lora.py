@@ -205,3 +205,36 @@ def test_missing_peft_names_the_extra(monkeypatch, reference):
     model.add_classifier(reference[:64].copy(), labels_key="cell_type")
     with pytest.raises(ImportError, match=r"scxtrimo\[lora\]"):
         model.train(max_epochs=1, finetune="lora", **FAST)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = XTrimoGene(None, config="tiny", seed=0)
+    encoder = model.module.encoder
+    for layer in encoder.layers:  # with dropout: the recomputation must draw the same masks
+        layer.dropout = layer.attention.dropout = 0.1
+    encoder.train()
+    x = torch.randn(3, 7, model.config.encoder_dim, requires_grad=True)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    grads = []
+    for checkpointing in (False, True):
+        encoder.gradient_checkpointing = checkpointing
+        encoder.zero_grad()
+        x.grad = None
+        torch.manual_seed(3)
+        y = encoder(x, pad)
+        (y[~pad] ** 2).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in encoder.parameters()])
+    encoder.gradient_checkpointing = False
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_with_gradient_checkpointing_trains(reference):
+    model = XTrimoGene(None, config="tiny", seed=0)
+    model.add_classifier(reference[:96].copy(), labels_key="cell_type")
+    before = model.module.encoder.layers[0].ff_in.weight.clone()
+    model.train(max_epochs=1, finetune="lora", gradient_checkpointing=True, lr=1e-2, **FAST)
+    assert model.training_args_["gradient_checkpointing"]
+    assert not model.module.encoder.gradient_checkpointing  # restored after training
+    assert not torch.equal(model.module.encoder.layers[0].ff_in.weight, before)

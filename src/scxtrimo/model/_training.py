@@ -135,6 +135,7 @@ class TrainingMixin:
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         lora_targets: Sequence[str] | None = None,
+        gradient_checkpointing: bool = False,
         **trainer_kwargs,
     ):
         """Pretrain (read-depth-aware masked regression + a cell-level term) or fine-tune.
@@ -231,6 +232,12 @@ class TrainingMixin:
             ``finetune="lora"``: the linear layers of every encoder layer to adapt (names
             inside a layer); default ``("attention.qkv_proj", "attention.out_proj", "ff_in",
             "ff_out")``, all the attention projections and the feed-forward layers.
+        gradient_checkpointing
+            Fine-tuning (not ``"head"``): keep only each encoder layer's input during the
+            forward pass and recompute the layer in the backward pass (same gradients, about
+            one more forward pass of time). Activations, not weights, dominate the memory of
+            a training step at long gene lists; with LoRA this is what makes fine-tuning the
+            100M model fit a laptop (see the LoRA table in the docs). Ignored by pretraining.
         **trainer_kwargs
             More arguments for :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`
             (``callbacks``, ``enable_checkpointing``, ``ckpt_path`` to resume, ``max_steps``,
@@ -260,6 +267,7 @@ class TrainingMixin:
             num_workers=num_workers,
             invalid_cells=invalid_cells,
             drop_last=drop_last,
+            gradient_checkpointing=gradient_checkpointing,
             plan_kwargs=plan_kwargs,
             trainer_kwargs=trainer_kwargs,
         )

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = ["MultiHeadSelfAttention", "TransformerEncoder", "TransformerEncoderLayer"]
@@ -209,6 +210,9 @@ class TransformerEncoder(nn.Module):
             for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        #: Recompute each layer's activations in the backward pass instead of keeping them
+        #: (training with gradients only; same results, less memory, one more forward).
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode.
@@ -260,6 +264,10 @@ class TransformerEncoder(nn.Module):
         if padding_mask is not None:
             # [B, 1, 1, L]: every query may attend to every non-padded key.
             attention_mask = ~padding_mask.to(torch.bool)[:, None, None, :]
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers[start:stop]:
-            x = layer(x, attention_mask)
+            if checkpoint:  # the RNG state is restored for the recomputation (same dropout)
+                x = torch.utils.checkpoint.checkpoint(layer, x, attention_mask, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask)
         return self.final_norm(x) if stop == depth else x

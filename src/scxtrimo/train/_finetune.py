@@ -436,6 +436,8 @@ def run_finetuning(
     module.train()
     adapter_state = None
     succeeded = False
+    checkpointing = module.encoder.gradient_checkpointing
+    module.encoder.gradient_checkpointing = bool(s.gradient_checkpointing) and mode != "head"
     try:
         out = fit(
             plan,
@@ -447,6 +449,7 @@ def run_finetuning(
         )
         succeeded = True
     finally:
+        module.encoder.gradient_checkpointing = checkpointing
         if mode == "head":
             _from_standardised(module.classifier, *scaling)
         if mode == "lora":
@@ -475,6 +478,7 @@ def run_finetuning(
         "train_size": s.train_size,
         "max_genes": s.max_genes,
         "seed": s.seed,
+        "gradient_checkpointing": bool(s.gradient_checkpointing),
         "n_cells": len(cells),
         "trainable_parameters": n_trainable,
         "lora": lora_record,

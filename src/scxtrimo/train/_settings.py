@@ -40,6 +40,7 @@ class TrainingSettings:
     num_workers: int = 0
     invalid_cells: str = "skip"
     drop_last: bool = False
+    gradient_checkpointing: bool = False
     plan_kwargs: Mapping[str, Any] | None = None
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
