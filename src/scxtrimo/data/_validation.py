@@ -18,6 +18,8 @@ import scipy.sparse as sp
 from ._matrix import iter_row_chunks
 
 MIN_TOTAL_COUNTS = 2.0
+#: Largest value accepted in one cell and gene: above it the matrix is not expression data.
+MAX_VALUE = 1e9
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ def scan_cells(
     Raises
     ------
     ValueError
-        On empty data, negative, NaN/inf or non-integer counts, or integer data declared as
-        log-normalised; the message names the offending cells or genes and how to fix it.
+        On empty data, a boolean matrix, negative, NaN/inf or impossibly large values (above
+        ``MAX_VALUE`` = 1e9 in one cell and gene), non-integer counts, or integer data declared
+        as log-normalised; the message names the offending cells or genes and how to fix it.
     """
     n_obs, n_vars = matrix.shape
     if n_obs == 0:
@@ -102,7 +105,14 @@ def scan_cells(
     for start, chunk in iter_row_chunks(matrix, chunk_size, wanted):
         chunk = sp.csr_matrix(chunk) if not sp.issparse(chunk) else chunk
         data = chunk.data
-        if data.dtype.kind not in "biuf":
+        if data.dtype.kind == "b":
+            raise ValueError(
+                f"The matrix is boolean (dtype {data.dtype}): detected / not detected, not "
+                f"{'counts' if input_type == 'counts' else 'expression values'}. scFoundation "
+                "needs the raw counts (layer=<counts layer> or adata.raw); a binarised matrix "
+                "would be read as one count per detected gene."
+            )
+        if data.dtype.kind not in "iuf":
             raise ValueError(f"The matrix has dtype {data.dtype}; numeric values are required.")
         if data.dtype.kind == "f":
             bad = ~np.isfinite(data)
@@ -124,6 +134,19 @@ def scan_cells(
                 f"{_examples(var_names, np.unique(genes))}). scFoundation needs raw counts or "
                 "log1p-normalised values; scaled or centred data (sc.pp.scale, regress_out) "
                 "cannot be used. Pass layer=<raw counts layer> or use adata.raw."
+            )
+        huge = data > MAX_VALUE
+        if huge.any():
+            entries = np.flatnonzero(huge)
+            cells = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))[entries]
+            raise ValueError(
+                f"The matrix holds values above {MAX_VALUE:.0e} ({int(huge.sum()):,} entries, "
+                f"e.g. {float(data[entries[0]]):.4g} in cells "
+                f"{_examples(obs_names, start + np.unique(cells))}; genes "
+                f"{_examples(var_names, np.unique(chunk.indices[entries]))}), more reads than "
+                "a sequencing run yields for one gene of one cell: this is not expression data "
+                "(an ID column, an overflow, a wrong layer?). Check the matrix and pass the raw "
+                "counts (layer=<counts layer> or adata.raw)."
             )
         if data.dtype.kind == "f" and input_type == "counts":
             frac = data != np.round(data)

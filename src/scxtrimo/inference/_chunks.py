@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,10 @@ from scxtrimo.data._validation import CellStats, invalid_cells, invalid_cells_me
 
 from ._encode import encode_pooled
 from ._precision import module_for_precision
+from ._prepare import skipped_examples
 from ._store import leaf_sources
+
+logger = logging.getLogger("scxtrimo")
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -137,6 +141,13 @@ class ChunkEngine:
         bad = invalid_cells(stats, input_type)
         if bad.size and self.invalid == "raise":
             raise ValueError(f"{src.name}: " + invalid_cells_message(bad, obs_names, stats))
+        if bad.size:
+            logger.warning(
+                "%s: skipping %d cells with fewer than 2 in-vocabulary counts (NaN rows): %s.",
+                src.name,
+                bad.size,
+                skipped_examples(obs_names, bad),
+            )
         n = block.shape[0]
         cells = np.setdiff1d(np.arange(n), bad) if bad.size else np.arange(n)
         out = torch.full((n, self.width), float("nan"), dtype=torch.float32, device=device)

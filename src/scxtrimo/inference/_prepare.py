@@ -150,6 +150,12 @@ def check_setup_arguments(
         )
 
 
+def skipped_examples(obs_names: Any, rows: np.ndarray, k: int = 5) -> str:
+    """The first ``k`` of ``obs_names[rows]``, quoted, and how many more (for warnings)."""
+    shown = ", ".join(repr(str(n)) for n in np.asarray(obs_names)[rows[:k]])
+    return shown + (f" and {len(rows) - k:,} more" if len(rows) > k else "")
+
+
 def _read_total_counts(adata: AnnData, key: str) -> np.ndarray:
     if key not in adata.obs.columns:
         raise KeyError(f"total_counts_key={key!r} is not a column of adata.obs.")
@@ -243,7 +249,12 @@ def prepare_input(
     if bad.size and invalid == "raise":
         raise ValueError(invalid_cells_message(bad, adata.obs_names, stats))
     if bad.size:
-        logger.warning("Skipping %d cells with fewer than 2 in-vocabulary counts.", bad.size)
+        logger.warning(
+            "Skipping %d cells with fewer than 2 in-vocabulary counts (their embedding rows are "
+            "NaN): %s.",
+            bad.size,
+            skipped_examples(adata.obs_names, bad),
+        )
         cells = cells[~np.isin(cells, bad)]
     if args["input_type"] == "log1p" and total_counts is None:
         warnings.warn(

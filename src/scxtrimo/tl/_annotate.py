@@ -11,7 +11,7 @@ from anndata import AnnData
 from scxtrimo._docs import DOCS, doc_params
 from scxtrimo.metrics import knn_vote
 
-from ._common import copied_if, is_data, load_model, record, target_of
+from ._common import copied_if, is_data, load_model, record, skipped_cells, target_of
 from ._transfer import _embeddings, _reference_labels, _row_max, _write_labels
 
 if TYPE_CHECKING:
@@ -167,5 +167,6 @@ def annotate(
     _write_labels(target, key_added, classes, probabilities)
     target.obs[f"{key_added}_confidence"] = _row_max(probabilities)
     target.obsm[f"{key_added}_probabilities"] = probabilities
-    record(target, key_added, {**params, "classes": [str(c) for c in classes]})
+    skipped = skipped_cells(target, np.flatnonzero(~np.isfinite(probabilities).all(axis=1)))
+    record(target, key_added, {**params, "classes": [str(c) for c in classes], **skipped})
     return query if copy else None

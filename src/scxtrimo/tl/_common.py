@@ -63,6 +63,18 @@ def record(target: AnnData, key_added: str, params: dict[str, Any]) -> None:
     target.uns.setdefault("scxtrimo", {})[key_added] = {**params, "scxtrimo_version": __version__}
 
 
+def skipped_cells(target: AnnData, rows: np.ndarray) -> dict[str, Any]:
+    """What ``.uns["scxtrimo"][key]`` records of the cells a tool left out (``invalid_cells="skip"``).
+
+    ``rows`` are positions in ``target``; the record holds their count and their ``obs_names``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    return {
+        "n_skipped_cells": int(rows.size),
+        "skipped_cells": np.asarray(target.obs_names[rows], dtype=object).astype(str),
+    }
+
+
 def start_tool(
     adata: AnnData | MuData, model: Any, *, mod: str | None, copy: bool, device: str | None = None
 ) -> tuple[AnnData | MuData, AnnData, XTrimoGene]:

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scxtrimo._docs import DOCS, doc_params
 from scxtrimo.inference import embed_prepared
 
-from ._common import record, start_tool
+from ._common import record, skipped_cells, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -78,7 +78,9 @@ def embed(
         The target read depth T (e.g. ``4.0``, ``"t4"``, ``"fold:2"``, ``"add:1"``); ``None``
         uses the model's default.
     invalid_cells
-        Cells with fewer than 2 in-vocabulary counts: ``"raise"`` or ``"skip"`` (NaN rows).
+        Cells with fewer than 2 in-vocabulary counts: ``"raise"`` (an error naming them,
+        before any work) or ``"skip"`` (NaN rows; a warning names the first few, and
+        ``.uns["scxtrimo"][key_added]["skipped_cells"]`` lists them all).
     precision
         ``"fp32"`` (default); ``"bf16"`` (autocast, CPU with AVX512-BF16/AMX, or CUDA);
         ``"int8"`` (CPU: the encoder's linear layers in int8 with dynamically quantised
@@ -101,7 +103,8 @@ def embed(
     ``.obsm[key_added]``
         ``float32`` array, cells x embedding width.
     ``.uns["scxtrimo"][key_added]``
-        Model, pooling, target depth, input settings, scxtrimo version and gene overlap.
+        Model, pooling, precision, target depth, input settings, scxtrimo version, gene
+        overlap, and the skipped cells (``n_skipped_cells``, ``skipped_cells``).
 
     Examples
     --------
@@ -147,7 +150,7 @@ def embed(
         "max_genes": prep.spec.max_genes,
         "input_type": prep.spec.input_type,
         "layer": settings.layer,
-        "n_skipped_cells": int(prep.skipped.size),
+        **skipped_cells(target, prep.skipped),
         "embedding_width": int(emb.shape[1]),
         "gene_overlap": prep.mapping.summary(prep.stats.count_fraction),
     }

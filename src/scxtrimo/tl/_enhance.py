@@ -12,7 +12,7 @@ from anndata import AnnData
 from scxtrimo._docs import DOCS, doc_params
 from scxtrimo.inference import iter_decoder
 
-from ._common import gene_columns, record, start_tool
+from ._common import gene_columns, record, skipped_cells, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -148,7 +148,7 @@ def enhance(
         "scale": "log1p(x / total * 1e4)",
         "n_genes_filled": int(cols.size),
         "genes_outside_vocabulary": outside,
-        "n_skipped_cells": int(prep.skipped.size),
+        **skipped_cells(target, prep.skipped),
     }
     if genes is not None:
         info["genes"] = [str(g) for g in target.var_names[cols]]

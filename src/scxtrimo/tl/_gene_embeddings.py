@@ -14,7 +14,7 @@ from anndata import AnnData
 from scxtrimo._docs import DOCS, doc_params
 from scxtrimo.inference import InputSettings, iter_decoder
 
-from ._common import gene_columns, record, start_tool
+from ._common import gene_columns, record, skipped_cells, start_tool
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -313,6 +313,7 @@ def context_gene_embeddings(
         "genes": [str(g) for g in target.var_names[cols]],
         "n_cells": [int(c) for c in counts],
         "max_cells": max_cells,
+        **skipped_cells(target, prep.skipped),
     }
     if groupby is not None:
         info["groupby"] = groupby

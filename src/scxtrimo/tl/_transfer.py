@@ -13,7 +13,7 @@ from scxtrimo._docs import DOCS, doc_params
 from scxtrimo.inference import embed_prepared
 from scxtrimo.metrics import knn_vote
 
-from ._common import copied_if, load_model, record, target_of
+from ._common import copied_if, load_model, record, skipped_cells, target_of
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -189,6 +189,7 @@ def transfer_labels(
             "labels_key": labels_key,
             "classes": [str(c) for c in classes],
             "n_reference_cells": int(ref.n_obs),
+            **skipped_cells(target, np.flatnonzero(~np.isfinite(shares).all(axis=1))),
         },
     )
     return query if copy else None
