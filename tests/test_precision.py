@@ -106,3 +106,24 @@ def test_embed_to_store_int8(pbmc, tiny_model, tmp_path):
     ref = tiny_model.get_latent_representation(cells, precision="int8")
     np.testing.assert_allclose(stored.obsm["X_scxtrimo"], ref, rtol=1e-4, atol=1e-5)
     assert stored.uns["scxtrimo"]["X_scxtrimo"]["precision"] == "int8"
+
+
+@needs_bf16
+def test_cli_embed_precision(pbmc, tiny_model, tmp_path):
+    from scxtrimo._cli import build_parser, main
+
+    path = tmp_path / "in.h5ad"
+    cells = pbmc[:20].copy()
+    cells.write_h5ad(path)
+    tiny_model.save(tmp_path / "tiny")
+    out = tmp_path / "emb.zarr"
+    argv = ["-q", "embed", str(path), "-o", str(out), "--model", str(tmp_path / "tiny")]
+    assert main([*argv, "--precision", "bf16"]) == 0
+    import anndata as ad
+
+    stored = ad.read_zarr(out)
+    assert stored.uns["scxtrimo"]["X_scxtrimo"]["precision"] == "bf16"
+    ref = tiny_model.get_latent_representation(cells)
+    assert _cosine(stored.obsm["X_scxtrimo"], ref).min() > 0.9
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["embed", str(path), "-o", str(out), "--precision", "fp16"])
