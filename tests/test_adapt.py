@@ -58,6 +58,7 @@ def test_adapt_trains_a_cell_head_and_changes_nothing_passed_in(pbmc, tiny_model
     assert all(p.requires_grad for p in adapted.module.parameters())
 
 
+@pytest.mark.slow
 def test_adapting_layers_changes_only_the_top_layers(pbmc, tiny_model):
     before = _weights(tiny_model)
     after = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=1, **FAST))
@@ -67,6 +68,7 @@ def test_adapting_layers_changes_only_the_top_layers(pbmc, tiny_model):
     assert all(k.startswith((last, "encoder.final_norm.")) for k in changed)
 
 
+@pytest.mark.slow
 def test_adapt_is_seeded(pbmc, tiny_model):
     a = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, seed=3, **FAST))
     b = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, seed=3, **FAST))
@@ -75,6 +77,7 @@ def test_adapt_is_seeded(pbmc, tiny_model):
     assert not _same(a, c)
 
 
+@pytest.mark.slow
 def test_adapted_model_embeds_saves_and_loads(pbmc, tiny_model, tmp_path):
     adapted = scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=2, **FAST)
     scxtrimo.tl.embed(pbmc, adapted, key_added="X_adapted", progress_bar=False)
@@ -123,6 +126,7 @@ def test_non_count_input_and_foreign_genes_are_refused(pbmc, tiny_model):
         scxtrimo.tl.adapt(foreign, tiny_model, **FAST)
 
 
+@pytest.mark.slow
 def test_interrupted_adaptation_resumes_to_the_same_weights(
     pbmc, tiny_model, tmp_path, monkeypatch
 ):
