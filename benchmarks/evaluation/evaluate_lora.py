@@ -203,6 +203,18 @@ def annotation_part(args) -> dict:
     }
 
 
+def _command(argv: list[str]) -> str:
+    """The command line that reproduces a part, without where its output went."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip and not arg.startswith("--"):
+            continue
+        skip = arg in ("--out", "--reuse")
+        if not skip:
+            kept.append(arg)
+    return " ".join(["OMP_NUM_THREADS=1 python benchmarks/evaluation/evaluate_lora.py", *kept])
+
+
 def memory_lines(result: dict) -> list[str]:
     """The markdown of the one-step memory part."""
     mem = result["one_step_100m"]
@@ -226,6 +238,20 @@ def memory_lines(result: dict) -> list[str]:
             f"{row['peak_rss_mib']:,.0f} | {row['peak_rss_mib'] / full['peak_rss_mib']:.0%} | "
             f"{row['rss_after_model_mib']:,.0f} | {row['step_seconds']:.1f} |"
         )
+    best = mem.get("lora + checkpointing", mem["lora"])
+    floor = best["rss_after_model_mib"]
+    lines += [
+        "",
+        f"LoRA trains {best['trainable_parameters'] / full['trainable_parameters']:.2%} of the "
+        f"parameters full fine-tuning trains. With gradient checkpointing its peak RSS is "
+        f"{best['peak_rss_mib'] / full['peak_rss_mib']:.0%} of full fine-tuning's; the process "
+        f"already holds {floor:,.0f} MiB before training (libraries, data and the 100M "
+        f"weights, {floor / full['peak_rss_mib']:.0%} of full's peak), and the step adds "
+        f"{best['peak_rss_mib'] - floor:,.0f} MiB against "
+        f"{full['peak_rss_mib'] - full['rss_after_model_mib']:,.0f} MiB for full fine-tuning "
+        f"({(best['peak_rss_mib'] - floor) / (full['peak_rss_mib'] - full['rss_after_model_mib']):.0%}). "
+        "Step times are from a shared, heavily loaded machine: compare them only roughly.",
+    ]
     return [*lines, ""]
 
 
@@ -262,8 +288,9 @@ def main() -> None:
     parser.add_argument(
         "--reuse",
         type=Path,
-        default=None,
-        help="a lora.json whose parts are reused for the parts skipped here",
+        nargs="+",
+        default=[],
+        help="lora.json files whose parts are reused for the parts skipped here",
     )
     parser.add_argument("--skip-annotation", action="store_true")
     parser.add_argument("--modes", nargs="+", default=["head", "last_layers", "full", "lora"])
@@ -296,24 +323,26 @@ def main() -> None:
         return
     quiet()
     start = time.perf_counter()
-    command = "OMP_NUM_THREADS=1 python benchmarks/evaluation/evaluate_lora.py " + " ".join(
-        sys.argv[1:]
-    )
+    command = _command(sys.argv[1:])
     result = run_record(
         command,
         {"annotation": "shipped small default", "memory": "scfoundation (100M), random weights"},
     )
-    reused = json.loads(args.reuse.read_text()) if args.reuse else {}
-    if not args.skip_memory:
-        result["one_step_100m"] = memory_part(args)
-    elif "one_step_100m" in reused:
-        result["one_step_100m"] = reused["one_step_100m"]
-        result["one_step_100m_command"] = reused.get("one_step_100m_command", reused["command"])
-    if not args.skip_annotation:
-        result["annotation_kang"] = annotation_part(args)
-    elif "annotation_kang" in reused:
-        result["annotation_kang"] = reused["annotation_kang"]
-        result["annotation_kang_command"] = reused.get("annotation_kang_command", reused["command"])
+    reused = [json.loads(path.read_text()) for path in args.reuse]
+    for part, skipped, run in (
+        ("one_step_100m", args.skip_memory, memory_part),
+        ("annotation_kang", args.skip_annotation, annotation_part),
+    ):
+        if not skipped:
+            result[part] = run(args)
+            continue
+        for old in reused:
+            if part in old:
+                result[part] = old[part]
+                old_command = old.get(f"{part}_command") or old["command"]
+                result[f"{part}_command"] = _command(old_command.split()[3:])
+                result[f"{part}_machine"] = old["machine"]
+                break
     result.setdefault("one_step_100m_command", command)
     result.setdefault("annotation_kang_command", command)
     lines = []
