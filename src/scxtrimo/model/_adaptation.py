@@ -90,7 +90,7 @@ class AdaptationMixin:
 
         :func:`scxtrimo.tl.adapt` is the usual entry point (it adapts a copy and documents
         every argument); this method is what it runs. ``input_settings`` is how ``adata`` is
-        read (default: the model's :attr:`input_settings`). Sets :attr:`adaptation_`.
+        read (default: the model's ``input_settings``). Sets ``adaptation_``.
         """
         started = time.perf_counter()
         spec = AdaptationSpec(

@@ -237,7 +237,7 @@ class TransformerEncoder(nn.Module):
         start: int = 0,
         stop: int | None = None,
     ) -> torch.Tensor:
-        """Apply layers ``start .. stop - 1``, and the final LayerNorm when ``stop`` is the end.
+        """Apply the layers from ``start`` up to ``stop`` (exclusive); the final norm at the end.
 
         ``run_layers(run_layers(x, m, stop=k), m, start=k)`` equals ``forward(x, m)``: the
         outputs of frozen lower layers can be computed once and the upper layers trained on

@@ -105,7 +105,7 @@ class XTrimoGeneModule(BaseModuleClass):
     def add_cell_head(self, out_dim: int = 64, hidden_dim: int = 512) -> CellHead:
         """Give the module a new, untrained :class:`CellHead`, replacing any.
 
-        The head's size is recorded in :attr:`config`, so that saved models rebuild it.
+        The head's size is recorded in ``config``, so that saved models rebuild it.
         """
         self.config = self.config.replace(cell_head_dim=out_dim, cell_head_hidden=hidden_dim)
         device = next(self.parameters()).device

@@ -59,14 +59,22 @@ class AdaptationSpec:
     n_layers
         Top encoder layers trained with the cell head (with the final LayerNorm); 0: the head
         alone, on the frozen encoder.
-    head_dim, head_hidden
-        Output and hidden width of the cell head.
+    head_dim
+        Output width of the cell head.
+    head_hidden
+        Hidden width of the cell head.
     noise
         Standard deviation of the Gaussian noise added to a view's standardised pooled vector.
     batch_size
         Anchor cells per step (each with one positive: ``2 * batch_size`` views).
-    lr, weight_decay, warmup_steps, min_lr_ratio
-        AdamW with linear warm-up and cosine decay over the budget.
+    lr
+        Peak learning rate (AdamW).
+    weight_decay
+        AdamW weight decay.
+    warmup_steps
+        Steps of linear warm-up.
+    min_lr_ratio
+        Learning rate at the end of the cosine decay, relative to ``lr``.
     temperature
         Softmax temperature of InfoNCE.
     token_keep
@@ -140,8 +148,10 @@ class AdaptationResult:
         Optimisation steps taken in all (across resumes).
     loss
         InfoNCE loss of every step.
-    cache_seconds, train_seconds
-        Wall time of the frozen pass and of the steps (this call).
+    cache_seconds
+        Wall time of the frozen pass (this call).
+    train_seconds
+        Wall time of the steps (this call).
     n_cells
         Cells trained on.
     n_with_partners

@@ -1,6 +1,4 @@
-"""Positive pairs for adaptation: each cell's neighbours in its own study, and its mutual
-nearest neighbours in other batches.
-"""
+"""Positive pairs for adaptation: neighbours within a batch, mutual nearest neighbours across."""
 
 from __future__ import annotations
 
@@ -19,10 +17,11 @@ class PositivePairs:
     neighbours
         ``int64 [n, k + 1]``: each cell itself (column 0) and its ``k`` nearest neighbours in
         expression space (a PCA of the user's own cells).
-    partner_ptr, partners
-        Ragged ``int64`` rows: the cells of *other* batches that are mutual nearest neighbours
-        of each cell (empty without batches). Row ``i`` is
-        ``partners[partner_ptr[i]:partner_ptr[i + 1]]``.
+    partner_ptr
+        ``int64 [n + 1]`` offsets of each cell's row in ``partners``.
+    partners
+        The cells of *other* batches that are mutual nearest neighbours of each cell (empty
+        without batches), ragged: row ``i`` is ``partners[partner_ptr[i]:partner_ptr[i + 1]]``.
     """
 
     neighbours: np.ndarray
