@@ -374,7 +374,7 @@ def untrained_model():
     from scxtrimo.model._pretrained import load_default_model
 
     default = load_default_model()
-    model = XTrimoGene(None, config=default.config, seed=0)
+    model = XTrimoGene(None, config=default.config.replace(cell_head_dim=0), seed=0)
     model.default_max_genes_ = default.default_max_genes_
     model.default_target_depth_ = default.default_target_depth_
     return model
