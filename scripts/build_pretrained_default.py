@@ -90,7 +90,7 @@ STEPS_DONE = [0]
 
 def fit_corpus_head(model, corpus, seed: int, steps: int) -> dict:
     """Give ``model`` a cell head fitted on ``corpus`` (one AnnData per study), in place."""
-    from scxtrimo.model._adaptation import rows_as_csr
+    from scxtrimo.data._matrix import rows_as_csr
     from scxtrimo.train import (
         AdaptationSpec,
         PositivePairs,

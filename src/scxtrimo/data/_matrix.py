@@ -92,3 +92,16 @@ def iter_row_chunks(
         if wanted is not None and not wanted[start:stop].any():
             continue
         yield start, read_rows(matrix, start, stop)
+
+
+def rows_as_csr(matrix: Any, cells: np.ndarray, chunk: int = 10_000) -> sp.csr_matrix:
+    """Rows ``cells`` (sorted, unique) of an in-memory or backed matrix, as one CSR matrix."""
+    matrix = as_row_accessible(matrix)
+    if sp.issparse(matrix) or isinstance(matrix, np.ndarray):
+        return sp.csr_matrix(matrix[cells])
+    blocks = []
+    for start in range(0, len(cells), chunk):
+        part = cells[start : start + chunk]
+        block = read_rows(matrix, int(part[0]), int(part[-1]) + 1)
+        blocks.append(block[part - part[0]])
+    return sp.vstack(blocks, format="csr")

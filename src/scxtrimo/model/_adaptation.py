@@ -8,11 +8,10 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import scipy.sparse as sp
 from anndata import AnnData
 
 from scxtrimo._settings import settings
-from scxtrimo.data._matrix import as_row_accessible, read_rows
+from scxtrimo.data._matrix import rows_as_csr
 from scxtrimo.inference import InputSettings, resolve_device
 from scxtrimo.train import (
     AdaptationSpec,
@@ -215,16 +214,3 @@ def batch_labels(adata: AnnData, batch_key: str | None) -> np.ndarray | None:
             "cells a batch of their own or drop them."
         )
     return column.astype(str).to_numpy()
-
-
-def rows_as_csr(matrix: Any, cells: np.ndarray, chunk: int = 10_000) -> sp.csr_matrix:
-    """Rows ``cells`` (sorted) of an in-memory or backed matrix, as one CSR matrix."""
-    matrix = as_row_accessible(matrix)
-    if sp.issparse(matrix) or isinstance(matrix, np.ndarray):
-        return sp.csr_matrix(matrix[cells])
-    blocks = []
-    for start in range(0, len(cells), chunk):
-        part = cells[start : start + chunk]
-        block = read_rows(matrix, int(part[0]), int(part[-1]) + 1)
-        blocks.append(block[part - part[0]])
-    return sp.vstack(blocks, format="csr")
