@@ -238,3 +238,24 @@ def test_lora_with_gradient_checkpointing_trains(reference):
     assert model.training_args_["gradient_checkpointing"]
     assert not model.module.encoder.gradient_checkpointing  # restored after training
     assert not torch.equal(model.module.encoder.layers[0].ff_in.weight, before)
+
+
+class Interrupt(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        raise RuntimeError("stop here")
+
+
+def test_failed_lora_run_leaves_the_base_as_it_was(reference):
+    model = XTrimoGene(None, config="tiny", seed=0)
+    model.add_classifier(reference[:96].copy(), labels_key="cell_type")
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(RuntimeError, match="stop here"):
+        model.train(max_epochs=1, finetune="lora", lr=1e-2, callbacks=[Interrupt()], **FAST)
+    assert not has_lora(model.module)
+    after = model.module.state_dict()
+    encoder = [k for k in before if not k.startswith("classifier.")]
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    # A later run works (no adapters left behind).
+    model.train(max_epochs=1, finetune="lora", lr=1e-2, **FAST)
+    assert model.classifier_["finetune"] == "lora"

@@ -27,6 +27,7 @@ from ._lora import (
     discard_lora,
     inject_lora,
     lora_state,
+    lora_target_modules,
     merge_lora,
 )
 from ._plan import XTrimoGeneTrainingPlan
@@ -367,16 +368,12 @@ def run_finetuning(
             "pretrained or loaded model."
         )
     saved_flags = {name: p.requires_grad for name, p in module.named_parameters()}
-    lora_record = None
+    trainable, frozen = finetune_plan(module, mode, n_last_layers)
     if mode == "lora":
         lora = LoraSpec() if lora is None else lora
-        lora_record = {**lora.to_dict(), "base_weights_sha256": base_fingerprint(module)}
-        inject_lora(module, lora)
-    trainable, frozen = finetune_plan(module, mode, n_last_layers)
+        lora_target_modules(module, lora)  # unknown targets fail before any work
     cells = prep.cells[labels[prep.cells] >= 0]
     if len(cells) < 2:
-        if mode == "lora":
-            discard_lora(module)
         raise ValueError("Fine-tuning needs at least 2 labelled, valid cells.")
     trainer_kwargs = dict(s.trainer_kwargs)
     if s.strategy is not None:
@@ -428,6 +425,10 @@ def run_finetuning(
     trainer_kwargs = trainer_defaults(
         trainer_kwargs, gradient_clip_val=s.gradient_clip_val, precision=s.precision
     )
+    lora_record = None
+    if mode == "lora":  # injected last, so that nothing can fail before the try below
+        lora_record = {**lora.to_dict(), "base_weights_sha256": base_fingerprint(module)}
+        trainable = trainable + inject_lora(module, lora)
     keep = set(trainable)
     n_trainable = count_parameters(module, trainable)
     for name, param in module.named_parameters():
