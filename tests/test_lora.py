@@ -83,6 +83,7 @@ def test_only_adapters_and_head_train_and_change(lora_trained):
             assert f"encoder.layers.{i}.{t}.lora_A.default.weight" in record.requires
     # After training the adapters are merged: a plain module, the same parameter names.
     assert not has_lora(model.module)
+    assert not hasattr(model.module, "peft_config")
     after = {k: v for k, v in model.module.state_dict().items() if not k.startswith("classifier")}
     assert set(after) == set(before)
     changed = {k for k in after if not torch.equal(after[k], before[k])}

@@ -222,6 +222,8 @@ def _replace_by_base(module: torch.nn.Module, merge: bool) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, layer.get_base_layer())
+    # peft records its configuration on the model; the module is a plain module again.
+    module.__dict__.pop("peft_config", None)
 
 
 def merge_lora(module: torch.nn.Module) -> None:
