@@ -5,15 +5,20 @@
 channel), activations quantised per call (one scale and zero point per batch, from the batch's
 own range, i.e. dynamic quantisation), and the product computed by oneDNN's int8 matmul
 (``torch.ops.onednn.qlinear_pointwise``, the x86 kernel that PyTorch's own Inductor int8 path
-lowers to; VNNI/AMX instructions). Everything else (embeddings, attention scores, norms,
-pooling, the cell head) stays float32. The copy shares every tensor but the quantised weights
+lowers to; VNNI/AMX instructions). Where the CPU computes bf16 natively, the query, key and
+value leave the int8 projection in bf16, so the attention runs in bf16; everything else
+(embeddings, norms, pooling, the cell head) stays float32. The copy shares every tensor but the quantised weights
 with the user's module, is cached per module and rebuilt when its weights change.
 
 Why not torchao: on this CPU (torch 2.13, eager mode) torchao 0.18's
 ``Int8DynamicActivationInt8WeightConfig`` ran a 768 x 3,072 linear layer *slower* than float32
 (0.30 s against 0.18 s; it needs ``torch.compile`` to reach the int8 kernels), while the
-oneDNN kernel with a fused dynamic quantisation ran it 2.8x faster than float32. The deprecated
-``torch.ao.quantization`` API is not used.
+oneDNN kernel ran it 2.8x faster than float32 with PyTorch's fused (but deprecated) activation
+quantisation, ~1.8x with the plain arithmetic used here. The deprecated ``torch.ao.quantization`` API and
+PyTorch's quantized tensors (deprecated as well) are not used: activations are quantised with
+plain tensor arithmetic, which is what limits the speed-up (the int8 matmul is ~14x faster than
+float32 on an AMX CPU, the per-batch quantisation of its input costs ~5x the matmul; see
+``docs/performance.md``).
 """
 
 from __future__ import annotations
