@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,7 +94,9 @@ def expression_features(
         sc.pp.log1p(work)
     if work.n_vars > n_top_genes:
         sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, subset=True)
-    sc.pp.scale(work, max_value=10)
+    with warnings.catch_warnings():  # scaling the 2,000 genes densifies them, as intended
+        warnings.filterwarnings("ignore", message="zero-centering a sparse")
+        sc.pp.scale(work, max_value=10)
     n_comps = max(1, min(n_comps, work.n_obs - 1, work.n_vars - 1))
     sc.pp.pca(work, n_comps=n_comps, random_state=seed)
     return np.asarray(work.obsm["X_pca"], dtype=np.float32)
