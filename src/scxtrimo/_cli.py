@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pretrain",
         action="store_true",
-        help="pretrain a fresh model first (the shipped model's recipe, ~6 min on 2 CPU cores)",
+        help="pretrain a fresh model first (the shipped model's recipe; tens of minutes on 2 CPU cores)",
     )
     demo.add_argument(
         "--config",
