@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from scxtrimo._settings import settings
 from scxtrimo.data._loading import iter_inference_batches
 from scxtrimo.data._tokens import TokenIndex
-from scxtrimo.inference import PreparedInput, atomic_write, resolve_device
+from scxtrimo.inference import PreparedInput, atomic_write, model_fingerprint, resolve_device
 from scxtrimo.module import XTrimoGeneModule
 
 from ._contrastive import info_nce
@@ -282,15 +282,6 @@ def _fingerprint(
     return h.hexdigest()
 
 
-def _weights_sha(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def adapt_module(
     module: XTrimoGeneModule,
     cache: TokenCache,
@@ -354,7 +345,10 @@ def adapt_module(
     show = settings.progress_bar if progress_bar is None else progress_bar
     module.to(dev)
     fingerprint = _fingerprint(
-        spec, cache, _weights_sha(module), np.arange(cache.n_cells) if cells is None else cells
+        spec,
+        cache,
+        model_fingerprint(module)["weights_sha256"],
+        np.arange(cache.n_cells) if cells is None else cells,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
