@@ -17,6 +17,7 @@ from scxtrimo.train import _adapt as adapt_mod
 
 DATA = Path(__file__).parent / "data"
 FAST = {"max_steps": 4, "batch_size": 16, "progress_bar": False}
+FAST_NOISE = 0.05  # not the default: the record must show what was asked for
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _same(a: dict, b: dict) -> bool:
 def test_adapt_trains_a_cell_head_and_changes_nothing_passed_in(pbmc, tiny_model):
     before_data = pbmc.copy()
     before_model = _weights(tiny_model)
-    adapted = scxtrimo.tl.adapt(pbmc, tiny_model, **FAST)
+    adapted = scxtrimo.tl.adapt(pbmc, tiny_model, noise=FAST_NOISE, **FAST)
     assert adapted is not tiny_model
     assert _same(_weights(tiny_model), before_model)  # the model passed in is untouched
     assert tiny_model.module.cell_head is None
@@ -51,6 +52,7 @@ def test_adapt_trains_a_cell_head_and_changes_nothing_passed_in(pbmc, tiny_model
     }
     assert adapted.config.cell_head_dim == 64
     record = adapted.adaptation_
+    assert record["settings"]["noise"] == FAST_NOISE
     assert record["n_cells"] == pbmc.n_obs
     assert record["result"]["steps"] == 4
     assert len(record["result"]["loss"]) == 4

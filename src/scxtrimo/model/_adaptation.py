@@ -99,6 +99,7 @@ class AdaptationMixin:
             lr=lr,
             temperature=temperature,
             token_keep=token_keep,
+            noise=noise,
             cross_batch_share=cross_batch_share,
             max_steps=max_steps,
             max_time=max_time,
