@@ -127,3 +127,23 @@ def test_help_hides_unset_defaults():
     text = _subcommand_parsers()["embed"].format_help()
     assert "(default: None)" not in text
     assert "(default: False)" not in text
+
+
+def test_adapt_then_embed(pbmc, saved_tiny, tmp_path):
+    h5ad = tmp_path / "cells.h5ad"
+    pbmc.write_h5ad(h5ad)  # 120 cells: adapt needs at least 50
+    model_dir = tmp_path / "adapted"
+    args = ["-q", "adapt", str(h5ad), "-o", str(model_dir), "--model", str(saved_tiny)]
+    assert main([*args, "--max-steps", "3", "--batch-size", "16"]) == 0
+    before = ad.read_h5ad(h5ad)
+    assert "X_scxtrimo" not in before.obsm  # the input file is read, never written
+    from scxtrimo.model import XTrimoGene
+
+    adapted = XTrimoGene.load(model_dir)
+    assert adapted.adaptation_["result"]["steps"] == 3
+    assert adapted.config.cell_head_dim == 64
+    out = tmp_path / "out.h5ad"
+    assert main(["-q", "embed", str(h5ad), "-o", str(out), "--model", str(model_dir)]) == 0
+    assert ad.read_h5ad(out).obsm["X_scxtrimo"].shape[1] == 64
+    with pytest.raises(SystemExit, match="not empty"):
+        main([*args, "--max-steps", "3"])
