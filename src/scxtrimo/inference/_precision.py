@@ -150,6 +150,7 @@ class Int8DynamicLinear(nn.Module):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
+        """Sizes and output dtype, as ``print(module)`` shows them."""
         out = str(self.output_dtype).removeprefix("torch.")
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 -> {out}"
 

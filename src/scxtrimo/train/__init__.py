@@ -12,6 +12,7 @@ from ._finetune import (
     run_finetuning,
 )
 from ._gene_bias import expected_masked_values
+from ._lora import LoraSpec
 from ._plan import XTrimoGeneTrainingPlan
 from ._positives import PositivePairs, expression_features, positive_pairs
 from ._pretrain import build_corpus, run_pretraining
@@ -25,6 +26,7 @@ __all__ = [
     "FinetuningDataset",
     "FinetuningTrainingPlan",
     "LengthBucketBatchSampler",
+    "LoraSpec",
     "PositivePairs",
     "PretrainingCorpus",
     "PretrainingDataModule",

@@ -60,8 +60,8 @@ def finetune_plan(
         ``head_norm``, ``expression_head``) receives no gradient from the classification loss
         and is frozen in every mode, so its weights are left exactly as they were.
         ``"lora"``: the classifier and the peft LoRA adapters of the encoder (see
-        :mod:`scxtrimo.train._lora`); every base weight is frozen. The adapters' names are
-        listed once they are injected (:func:`~scxtrimo.train._lora.inject_lora`).
+        ``scxtrimo.train._lora``); every base weight is frozen. The adapters' names are
+        listed once they are injected (``inject_lora``).
     n_last_layers
         Encoder layers to train with ``mode="last_layers"`` (1 to the encoder depth).
 
@@ -345,7 +345,7 @@ def run_finetuning(
     fit
         Runs Lightning over the plan and data module (the model's train runner).
     lora
-        The adapters of ``mode="lora"`` (default :class:`~scxtrimo.train._lora.LoraSpec()`).
+        The adapters of ``mode="lora"`` (default: ``LoraSpec()``).
         peft's adapters are injected into the encoder, trained with the head, then merged
         into the base weights (the module is a plain module again, as fast as the base); the
         result carries the adapter tensors and the base's fingerprint. If training fails the

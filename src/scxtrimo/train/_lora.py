@@ -66,7 +66,7 @@ class LoraSpec:
         Dropout on the adapters' input during training.
     targets
         Linear layers to adapt, as names inside an encoder layer (e.g. ``"attention.qkv_proj"``,
-        ``"ff_in"``); ``None``: :data:`DEFAULT_LORA_TARGETS`. Every encoder layer is adapted.
+        ``"ff_in"``); ``None``: ``DEFAULT_LORA_TARGETS`` (attention and feed-forward). Every encoder layer is adapted.
     """
 
     rank: int = 8
