@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from scxtrimo.metrics import batch_mixing, well_mixed_batch_mixing
+
 HERE = Path(__file__).resolve().parent
 ROOT = next(p for p in HERE.parents if (p / "pyproject.toml").is_file())
 RESULTS = ROOT / "benchmarks" / "results"
@@ -234,46 +236,9 @@ def classification_scores(
     }
 
 
-def batch_entropy(embedding: np.ndarray, batches: np.ndarray, k: int = K_MIXING) -> float:
-    """Mean over cells of the normalised Shannon entropy of batches among ``k`` neighbours.
-
-    Each cell's ``k`` nearest neighbours (Euclidean, the cell itself excluded) give batch
-    shares ``p``; the cell's score is ``-sum p log p / log(n_batches)``: 0 when all neighbours
-    share one batch, 1 when every batch is equally present.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    codes, names = _codes(batches)
-    n_batches = len(names)
-    if n_batches < 2:
-        raise ValueError("Batch mixing needs at least two batches.")
-    k = min(k, len(codes) - 1)
-    neighbours = NearestNeighbors(n_neighbors=k).fit(embedding).kneighbors(return_distance=False)
-    neighbour_codes = codes[neighbours]  # cells x k
-    rows = np.repeat(np.arange(len(codes)), k)
-    counts = np.bincount(
-        rows * n_batches + neighbour_codes.ravel(), minlength=len(codes) * n_batches
-    ).reshape(len(codes), n_batches)
-    return float(np.mean(_entropy(counts / k)) / np.log(n_batches))
-
-
-def well_mixed_entropy(batches: np.ndarray) -> float:
-    """:func:`batch_entropy` of a perfectly mixed embedding: the entropy of the batch shares."""
-    codes, names = _codes(batches)
-    shares = np.bincount(codes, minlength=len(names)) / len(codes)
-    return float(_entropy(shares[None, :])[0] / np.log(len(names)))
-
-
-def _codes(batches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    names, codes = np.unique(np.asarray(batches).astype(str), return_inverse=True)
-    return codes.ravel(), names
-
-
-def _entropy(p: np.ndarray) -> np.ndarray:
-    """Row-wise Shannon entropy (natural log; 0 log 0 = 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * np.log(p), 0.0)
-    return -terms.sum(axis=1)
+# Batch mixing is scxtrimo's own metric (the same numbers a user gets from scxtrimo.metrics).
+batch_entropy = batch_mixing
+well_mixed_entropy = well_mixed_batch_mixing
 
 
 # ------------------------------------------------------------------------------------------
@@ -493,7 +458,8 @@ def run_method(ds: Dataset, method: str, folder: Path, args) -> dict[str, Any]:
     labels = ds.adata.obs["label"].to_numpy()
     record.update(classification_scores(embedding, labels, ds.reference, ds.query))
     if ds.batch_key:
-        record["batch_entropy"] = batch_entropy(embedding, ds.adata.obs[ds.batch_key].to_numpy())
+        batches = ds.adata.obs[ds.batch_key].to_numpy()
+        record["batch_entropy"] = batch_entropy(embedding, batches, k=K_MIXING)
     record.update(
         dims=int(embedding.shape[1]),
         started_utc=started,
