@@ -1,8 +1,8 @@
 """The shipped default model's data: which cells it is pretrained on and which are held out.
 
 One definition, imported by ``scripts/build_pretrained_default.py`` (pretraining) and
-``benchmarks/evaluation/evaluate_default_model.py`` (evaluation), so the evaluation parts can never leak
-into training. All four files of ``shared/data`` are used:
+the evaluations (``evaluate_default_model.py``, ``evaluate_adaptation.py``: the same scored
+cells, :func:`scored_cells`), so the evaluation parts can never leak into training. All four files of ``shared/data`` are used:
 
 - pbmc4k (10x v2, 2,170 cells): a seeded 90% trains, 10% (217 cells) is held out;
 - Kang 12k (8 donors, 1,287 genes): donors 1039 and 1244 are held out entirely;
@@ -112,3 +112,59 @@ def training_corpus(
     """The pretraining corpus: the training rows of each study (views, nothing copied)."""
     names = studies or tuple(splits)
     return [splits[n].adata[splits[n].train] for n in names]
+
+
+#: Cells scored per split (seeded draws): classifier reference and held-out query.
+MAX_REFERENCE = 2000
+MAX_QUERY = 1500
+
+
+@dataclass(frozen=True)
+class ScoredCells:
+    """The cells an evaluation scores on one split: reference rows (classifier training) and
+    held-out query rows of ``adata``, with their labels."""
+
+    name: str
+    adata: ad.AnnData
+    labels: np.ndarray
+    reference: np.ndarray
+    query: np.ndarray
+
+
+def scored_cells(splits: dict[str, Split]) -> list[ScoredCells]:
+    """The evaluated cells of every split, one seeded draw shared by all evaluation scripts.
+
+    pbmc4k, Kang 12k and CellBench: labelled training rows as the reference and held-out rows
+    as the query (at most :data:`MAX_REFERENCE` / :data:`MAX_QUERY`). Cross-study "pbmc4k ->
+    Kang": pbmc4k's training rows -> Kang's held-out donors, on their common genes and shared
+    cell types (``PBMC4K_TO_KANG``, ``KANG_TO_SHARED``), in one AnnData.
+    """
+    rng = np.random.default_rng(0)
+    out = []
+    for name in ("pbmc4k", "kang12k", "cellbench"):
+        s = splits[name]
+        labels = s.adata.obs["cell_type"].astype(str).to_numpy()
+        known = labels != "?"  # pbmc4k's unassigned cells are not scored
+        ref, query = s.train[known[s.train]], s.held_out[known[s.held_out]]
+        if len(ref) > MAX_REFERENCE:
+            ref = np.sort(rng.choice(ref, MAX_REFERENCE, replace=False))
+        if len(query) > MAX_QUERY:
+            query = np.sort(rng.choice(query, MAX_QUERY, replace=False))
+        out.append(ScoredCells(name, s.adata, labels, ref, query))
+    pbmc, kang = splits["pbmc4k"], splits["kang12k"]
+    common = pbmc.adata.var_names.intersection(kang.adata.var_names)
+    p_lab = pbmc.adata.obs["cell_type"].astype(str).map(PBMC4K_TO_KANG)
+    k_lab = kang.adata.obs["cell_type"].astype(str).map(KANG_TO_SHARED)
+    p_rows = pbmc.train[p_lab.iloc[pbmc.train].notna().to_numpy()]
+    k_rows = kang.held_out[k_lab.iloc[kang.held_out].notna().to_numpy()]
+    if len(k_rows) > MAX_QUERY:
+        k_rows = np.sort(rng.choice(k_rows, MAX_QUERY, replace=False))
+    joint = ad.concat(
+        [pbmc.adata[p_rows, common], kang.adata[k_rows, common]], join="inner", index_unique="-"
+    )
+    labels = np.concatenate([p_lab.iloc[p_rows], k_lab.iloc[k_rows]]).astype(str)
+    n_p = len(p_rows)
+    out.append(
+        ScoredCells("pbmc4k -> Kang", joint, labels, np.arange(n_p), np.arange(n_p, joint.n_obs))
+    )
+    return out

@@ -66,8 +66,6 @@ ROOT = next(p for p in HERE.parents if (p / "pyproject.toml").is_file())
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "adaptation"
 
-MAX_REFERENCE = 2000  # as evaluate_default_model.py: reference cells per split (seeded draw)
-MAX_QUERY = 1500  # held-out cells per split (seeded draw)
 QUICK_REFERENCE, QUICK_QUERY = 150, 100  # --quick: the first cells of each part
 QUICK_SCVI_EPOCHS, QUICK_ADAPT_STEPS = 3, 3
 K_CLASSIFIER = 15
@@ -154,51 +152,23 @@ def datasets(data: Path | None = None, quick: bool = False) -> dict[str, Dataset
     The seeded draws are made in the same order as there, so the cells are the same ones.
     ``quick`` keeps the first :data:`QUICK_REFERENCE` and :data:`QUICK_QUERY` of each part.
     """
-    import anndata as ad
-
     sm = _splits_module()
-    splits = sm.all_splits(data)
-    rng = np.random.default_rng(0)
-    parts = {}  # name -> (source AnnData, reference rows, query rows, labels, batch column)
     batch_columns = {"pbmc4k": None, "kang12k": "batch", "cellbench": "technology"}
-    for name in ("pbmc4k", "kang12k", "cellbench"):
-        s = splits[name]
-        labels = s.adata.obs["cell_type"].astype(str).to_numpy()
-        known = labels != "?"  # pbmc4k's unassigned cells are not scored
-        ref, query = s.train[known[s.train]], s.held_out[known[s.held_out]]
-        if len(ref) > MAX_REFERENCE:
-            ref = np.sort(rng.choice(ref, MAX_REFERENCE, replace=False))
-        if len(query) > MAX_QUERY:
-            query = np.sort(rng.choice(query, MAX_QUERY, replace=False))
-        parts[name] = (s.adata, ref, query, labels, batch_columns[name])
     out = {}
-    for name, (source, ref, query, labels, column) in parts.items():
+    for cells in sm.scored_cells(sm.all_splits(data)):
+        ref, query = cells.reference, cells.query
         if quick:
             ref, query = ref[:QUICK_REFERENCE], query[:QUICK_QUERY]
         rows = np.concatenate([ref, query])
-        batches = None if column is None else source.obs[column].to_numpy()[rows]
-        out[name] = _user_dataset(name, source, rows, labels[rows], len(ref), batches)
-
-    # Cross-study: pbmc4k (training part) -> Kang held-out donors, common genes, shared types.
-    pbmc, kang = splits["pbmc4k"], splits["kang12k"]
-    common = pbmc.adata.var_names.intersection(kang.adata.var_names)
-    p_lab = pbmc.adata.obs["cell_type"].astype(str).map(sm.PBMC4K_TO_KANG)
-    k_lab = kang.adata.obs["cell_type"].astype(str).map(sm.KANG_TO_SHARED)
-    p_rows = pbmc.train[p_lab.iloc[pbmc.train].notna().to_numpy()]
-    k_rows = kang.held_out[k_lab.iloc[kang.held_out].notna().to_numpy()]
-    if len(k_rows) > MAX_QUERY:
-        k_rows = np.sort(rng.choice(k_rows, MAX_QUERY, replace=False))
-    if quick:
-        p_rows, k_rows = p_rows[:QUICK_REFERENCE], k_rows[:QUICK_QUERY]
-    joint = ad.concat(
-        [pbmc.adata[p_rows, common], kang.adata[k_rows, common]], join="inner", index_unique="-"
-    )
-    labels = np.concatenate([p_lab.iloc[p_rows], k_lab.iloc[k_rows]]).astype(str)
-    studies = np.repeat(["pbmc4k", "kang"], [len(p_rows), len(k_rows)])
-    rows = np.arange(joint.n_obs)
-    out["pbmc4k -> Kang"] = _user_dataset(
-        "pbmc4k -> Kang", joint, rows, labels, len(p_rows), studies
-    )
+        if cells.name == "pbmc4k -> Kang":  # one AnnData of two studies: the study is the batch
+            batches = np.repeat(["pbmc4k", "kang"], [len(cells.reference), len(cells.query)])
+        else:
+            column = batch_columns[cells.name]
+            batches = None if column is None else cells.adata.obs[column].to_numpy()
+        batches = None if batches is None else batches[rows]
+        out[cells.name] = _user_dataset(
+            cells.name, cells.adata, rows, cells.labels[rows], len(ref), batches
+        )
     return out
 
 

@@ -48,8 +48,6 @@ import scxtrimo
 from scxtrimo.model import XTrimoGene
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-MAX_REFERENCE = 2000  # training cells used as classifier reference per split (seeded)
-MAX_QUERY = 1500  # held-out cells scored per split (seeded; keeps the run near 20 min)
 PARTS = ("S", "T", "gene max", "gene mean")
 
 
@@ -163,43 +161,20 @@ def main() -> None:
     t0 = time.time()
     splits = splits_mod.all_splits(args.data)
     models = load_models(args)
-    rng = np.random.default_rng(0)
-
     tasks = []  # (task name, adata, labels, reference rows, query rows)
-    for name in ("pbmc4k", "kang12k", "cellbench"):
-        s = splits[name]
-        labels = s.adata.obs["cell_type"].astype(str).to_numpy()
-        known = labels != "?"  # pbmc4k's unassigned cells are not scored
-        ref, query = s.train[known[s.train]], s.held_out[known[s.held_out]]
-        if len(ref) > MAX_REFERENCE:
-            ref = np.sort(rng.choice(ref, MAX_REFERENCE, replace=False))
-        if len(query) > MAX_QUERY:
-            query = np.sort(rng.choice(query, MAX_QUERY, replace=False))
-        tasks.append((name, s.adata, labels, ref, query))
-    if args.max_cells:
-        tasks = [(n, a, y, r[: args.max_cells], q[: args.max_cells]) for n, a, y, r, q in tasks]
-    # Cross-study: pbmc4k (training part) -> Kang held-out donors, common genes, shared types.
-    pbmc, kang = splits["pbmc4k"], splits["kang12k"]
-    common = pbmc.adata.var_names.intersection(kang.adata.var_names)
-    p_lab = pbmc.adata.obs["cell_type"].astype(str).map(splits_mod.PBMC4K_TO_KANG)
-    k_lab = kang.adata.obs["cell_type"].astype(str).map(splits_mod.KANG_TO_SHARED)
-    p_rows = pbmc.train[p_lab.iloc[pbmc.train].notna().to_numpy()]
-    k_rows = kang.held_out[k_lab.iloc[kang.held_out].notna().to_numpy()]
-    if len(k_rows) > MAX_QUERY:
-        k_rows = np.sort(rng.choice(k_rows, MAX_QUERY, replace=False))
-    joint = ad.concat(
-        [pbmc.adata[p_rows, common], kang.adata[k_rows, common]], join="inner", index_unique="-"
+    for cells in splits_mod.scored_cells(splits):
+        adata, labels, ref, query = cells.adata, cells.labels, cells.reference, cells.query
+        if args.max_cells and cells.name == "pbmc4k -> Kang":  # one AnnData: keep its first rows
+            n_p = len(ref)
+            keep = np.r_[: args.max_cells, n_p : n_p + args.max_cells]
+            adata, labels = adata[keep].copy(), labels[keep]
+            ref, query = np.arange(args.max_cells), np.arange(args.max_cells, len(keep))
+        elif args.max_cells:
+            ref, query = ref[: args.max_cells], query[: args.max_cells]
+        tasks.append((cells.name, adata, labels, ref, query))
+    log(
+        f"cross-study: {tasks[-1][1].n_vars} common genes, {len(tasks[-1][3])} -> {len(tasks[-1][4])} cells"
     )
-    joint_labels = np.concatenate([p_lab.iloc[p_rows], k_lab.iloc[k_rows]]).astype(str)
-    n_p = len(p_rows)
-    if args.max_cells:
-        joint = joint[np.r_[: args.max_cells, n_p : n_p + args.max_cells]].copy()
-        joint_labels = joint_labels[np.r_[: args.max_cells, n_p : n_p + args.max_cells]]
-        n_p = args.max_cells
-    tasks.append(
-        ("pbmc4k -> Kang", joint, joint_labels, np.arange(n_p), np.arange(n_p, joint.n_obs))
-    )
-    log(f"cross-study: {len(common)} common genes, {n_p} -> {joint.n_obs - n_p} cells")
 
     results: dict = {"tasks": {}, "diagnosis": {}, "models": {}}
     for task, adata, labels, ref, query in tasks:
