@@ -145,6 +145,10 @@ def main() -> None:
     parser.add_argument("--max-genes", type=int, default=256)
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument(
+        "--positives", choices=("views", "neighbours"), default="neighbours", help="InfoNCE pairs"
+    )
+    parser.add_argument("--cell-head-dim", type=int, default=64, help="0: no cell head")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=120.0, help="wall-time guard")
     parser.add_argument("--save-every", type=int, default=250)
@@ -205,7 +209,8 @@ def main() -> None:
     model = XTrimoGene(reference, config="small", seed=args.seed)
     print(
         f"pretraining {sum(a.n_obs for a in corpus)} cells from {len(corpus)} studies, "
-        f"{args.steps} steps of {args.batch_size} cells (threads={torch.get_num_threads()})",
+        f"{args.steps} steps of {args.batch_size} cells (threads={torch.get_num_threads()}), "
+        f"InfoNCE on {args.positives}, cell head {args.cell_head_dim}",
         flush=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +224,8 @@ def main() -> None:
         view_masking=view_masking,
         contrastive_weight=weight,
         temperature=args.temperature,
+        positives=args.positives,
+        cell_head_dim=args.cell_head_dim if args.positives == "neighbours" else 0,
         train_size=0.98,
         seed=args.seed,
         accelerator="auto",

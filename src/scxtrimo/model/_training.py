@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -117,6 +117,9 @@ class TrainingMixin:
         view_masking: MaskingSpec | dict | None = None,
         contrastive_weight: float = 1.0,
         temperature: float = 0.2,
+        positives: Literal["views", "neighbours"] = "views",
+        n_neighbors: int = 10,
+        cell_head_dim: int = 0,
         max_genes: int | None = 1024,
         seed: int | None = None,
         accelerator: str = "auto",
@@ -184,6 +187,21 @@ class TrainingMixin:
             Weight of the InfoNCE term; 0: masked regression only (no second view is built).
         temperature
             Softmax temperature of the InfoNCE term.
+        positives
+            What the InfoNCE term pairs. ``"views"`` (above): two views of each cell, two
+            encoder passes per cell. ``"neighbours"``: each batch is ``batch_size // 2`` cells
+            and, for each, one of its ``n_neighbors`` nearest training cells in a PCA of its
+            own study (the neighbourhoods a PCA user sees); every cell is encoded once and
+            trained by masked regression, and InfoNCE asks each cell to find its neighbour.
+            No labels are used. Half the encoder work of ``"views"`` per cell (see the
+            training-step benchmark in the docs).
+        n_neighbors
+            Neighbours per cell with ``positives="neighbours"``.
+        cell_head_dim
+            With ``positives="neighbours"``: train a new cell head
+            (:class:`~scxtrimo.module.CellHead`, the one :func:`~scxtrimo.tl.adapt` trains) of
+            this width together with the encoder; the InfoNCE term is taken on its output,
+            which becomes the model's cell embedding. 0: none (the pooled vector).
         max_genes
             Cap on visible gene tokens per cell (a cell's highest values are kept; ``None``: no
             cap). Attention costs grow with the square of a cell's tokens, so the cap bounds the
@@ -297,6 +315,9 @@ class TrainingMixin:
                 view_masking=_masking_spec(view_masking, None),
                 contrastive_weight=contrastive_weight,
                 temperature=temperature,
+                positives=positives,
+                n_neighbors=n_neighbors,
+                cell_head_dim=cell_head_dim,
             ),
         )
 
@@ -356,6 +377,8 @@ class TrainingMixin:
         )
         self.training_args_ = result.training_args
         self.default_max_genes_ = result.default_max_genes
+        if objective.cell_head_dim:  # the new head is part of the configuration now
+            self.config_ = self.module.config.to_dict()
         return result.output
 
     def _finetune(

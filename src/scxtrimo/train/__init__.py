@@ -14,7 +14,7 @@ from ._finetune import (
 from ._gene_bias import expected_masked_values
 from ._lora import LoraSpec
 from ._plan import XTrimoGeneTrainingPlan
-from ._positives import PositivePairs, expression_features, positive_pairs
+from ._positives import PositivePairs, corpus_neighbours, expression_features, positive_pairs
 from ._pretrain import build_corpus, run_pretraining
 from ._settings import PretrainingObjective, TrainingResult, TrainingSettings
 from ._source_corpus import part_from_source
@@ -39,6 +39,7 @@ __all__ = [
     "adapt_module",
     "build_corpus",
     "cache_frozen_layers",
+    "corpus_neighbours",
     "expected_masked_values",
     "expression_features",
     "finetune_plan",

@@ -32,6 +32,11 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
     takes ``batch[rank::world_size]``, so ranks see disjoint cells, take the same number of
     steps, and with a ``batch_size`` divisible by the world size a step averages the same cells
     as one process would. Global batches with fewer cells than ranks are dropped.
+
+    With ``partners`` (neighbour pairs), a batch holds ``batch_size // 2`` bucketed anchors
+    followed by one partner per anchor, drawn uniformly from the anchor's row of
+    ``partners`` (seeded by ``(seed, epoch)``); under distributed training each rank takes
+    the same slice of both halves, so its anchors and partners stay aligned.
     """
 
     def __init__(
@@ -46,13 +51,21 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
         pool_batches: int = 50,
         drop_last: bool = False,
         follow_epoch: bool = True,
+        partners: np.ndarray | None = None,
     ) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if partners is not None and int(batch_size) < 4:
+            raise ValueError(
+                f"Neighbour pairs need batch_size >= 4 (two anchors and their partners), got "
+                f"{batch_size}."
+            )
+        self.partners = None if partners is None else np.asarray(partners, dtype=np.int64)
         self.cells = np.asarray(cells, dtype=np.int64)
         self.n_tokens = np.asarray(n_tokens)
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
-        self.batch_size = int(batch_size)
+        # With partners, the bucketed part of a batch is its anchors: half of it.
+        self.batch_size = int(batch_size) if partners is None else int(batch_size) // 2
         self.shuffle = shuffle
         self.seed = seed
         self.pool = pool_batches * self.batch_size
@@ -91,12 +104,28 @@ class LengthBucketBatchSampler(Sampler[tuple[int, np.ndarray]]):
                 batches.extend(self._group_batches(cells[group_of == group]))
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.partners is not None:
+            batches = [self._with_partners(b, rng) for b in batches]
         return batches
+
+    def _with_partners(self, anchors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        options = self.partners[anchors]  # [A, k]
+        if (options < 0).any():
+            raise ValueError("A cell without neighbours was drawn as an anchor.")
+        picked = options[np.arange(len(anchors)), rng.integers(0, options.shape[1], len(anchors))]
+        return np.concatenate([anchors, picked])
 
     def _batches(self) -> list[np.ndarray]:
         batches = self.global_batches()
         rank, world = distributed_rank_and_world()
-        if world > 1:
+        if world > 1 and self.partners is not None:
+            halves = [(b[: len(b) // 2], b[len(b) // 2 :]) for b in batches]
+            batches = [
+                np.concatenate([a[rank::world], p[rank::world]])
+                for a, p in halves
+                if len(a) >= world
+            ]
+        elif world > 1:
             batches = [b[rank::world] for b in batches if len(b) >= world]
         return batches
 
@@ -247,6 +276,10 @@ class PretrainingDataModule(ResumableTrainLoaderMixin, pl.LightningDataModule):
     drop_last
         Drop each study's last, incomplete training batch (equal batch sizes, e.g. for exact
         agreement between one and several processes).
+    partners
+        Neighbour pairs (:func:`~scxtrimo.train.corpus_neighbours`): training batches are
+        anchors plus one neighbour each (see :class:`LengthBucketBatchSampler`); validation
+        batches are plain.
     """
 
     def __init__(
@@ -262,8 +295,10 @@ class PretrainingDataModule(ResumableTrainLoaderMixin, pl.LightningDataModule):
         pin_memory: bool = False,
         groups: np.ndarray | None = None,
         drop_last: bool = False,
+        partners: np.ndarray | None = None,
     ) -> None:
         super().__init__()
+        self.partners = partners
         if not 0.0 < train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
         self.dataset = dataset
@@ -306,6 +341,7 @@ class PretrainingDataModule(ResumableTrainLoaderMixin, pl.LightningDataModule):
             seed=self.seed,
             follow_epoch=shuffle,
             drop_last=self.drop_last and shuffle,
+            partners=self.partners if shuffle else None,
         )
         loader = ResumableDataLoader if shuffle else DataLoader  # resumes mid-epoch
         return loader(

@@ -19,6 +19,23 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _can_fuse(groups: list[dict]) -> bool:
+    """Whether AdamW's fused kernel applies: float32 parameters, all on one CPU or CUDA device.
+
+    The fused kernel updates every tensor in one pass (on CPU since torch 2.4), where the
+    default loops over tensors; a pretraining step of the ``small`` model spends about a tenth
+    of its time in the optimiser (``benchmarks/results/training_step.md``).
+    """
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in params}
+    return (
+        bool(params)
+        and len(devices) == 1
+        and next(iter(devices)).type in ("cpu", "cuda")
+        and all(p.dtype == torch.float32 for p in params)
+    )
+
+
 class XTrimoGeneTrainingPlan(TrainingPlan):
     """Lightning module that trains an :class:`~scxtrimo.module.XTrimoGeneModule`.
 
@@ -46,6 +63,12 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         view; 0 turns it off.
     temperature
         Softmax temperature of the InfoNCE term.
+    pairs
+        Training batches are neighbour pairs (anchors, then one neighbour each; see
+        :class:`~scxtrimo.train.LengthBucketBatchSampler`): the InfoNCE term is taken between
+        the two halves' cell embeddings (:meth:`~scxtrimo.module.XTrimoGeneModule.cell_embedding`,
+        through the cell head when the module has one), one encoder pass per cell, no second
+        view. Validation batches are plain (masked regression only).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -62,6 +85,7 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         min_lr_ratio: float = 0.05,
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
+        pairs: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -74,6 +98,7 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         self.min_lr_ratio = min_lr_ratio
         self.contrastive_weight = float(contrastive_weight)
         self.temperature = float(temperature)
+        self.pairs = bool(pairs)
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -92,8 +117,9 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
 
     def configure_optimizers(self):
         """AdamW with a per-step warm-up + cosine schedule."""
+        groups = self._param_groups()
         optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=self.lr, betas=self.betas, eps=self.eps
+            groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=_can_fuse(groups)
         )
         total = int(max(1, self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps if self.warmup_steps is not None else max(1, total // 20)
@@ -117,6 +143,13 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
             extra["contrastive_loss"] = contrastive.detach()
             if self.contrastive_weight > 0:
                 loss = loss + self.contrastive_weight * contrastive
+        elif self.pairs and mode == "train" and self.contrastive_weight > 0:
+            z = self.module.cell_embedding(inference_outputs["h"], batch["padding_mask"])
+            half = z.shape[0] // 2
+            extra["masked_mse"] = loss.detach()
+            contrastive = info_nce(z[:half], z[half : 2 * half], self.temperature)
+            extra["contrastive_loss"] = contrastive.detach()
+            loss = loss + self.contrastive_weight * contrastive
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"The {mode} loss became {loss.item()} at global step {self.global_step} "

@@ -1,12 +1,16 @@
-"""Positive pairs for adaptation: neighbours within a batch, mutual nearest neighbours across."""
+"""Positive pairs: neighbours within a batch, mutual nearest neighbours across batches."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from ._corpus import PretrainingCorpus
 
 
 @dataclass(frozen=True)
@@ -177,3 +181,54 @@ def positive_pairs(
         partner_ptr=mutual.indptr.astype(np.int64),
         partners=mutual.indices.astype(np.int64),
     )
+
+
+def corpus_neighbours(
+    corpus: PretrainingCorpus,
+    train_cells: np.ndarray,
+    *,
+    n_neighbors: int = 10,
+    seed: int = 0,
+) -> np.ndarray:
+    """Each training cell's nearest training cells of its own study, on the global cell index.
+
+    The neighbours are searched in a PCA of each study's training cells
+    (:func:`expression_features`), so pretraining with neighbour pairs uses the same
+    neighbourhoods a PCA user sees, and never a validation cell.
+
+    Parameters
+    ----------
+    corpus
+        The studies.
+    train_cells
+        Global indices of the training cells (sorted).
+    n_neighbors
+        Neighbours per cell.
+    seed
+        Seed of the PCA's randomised solver.
+
+    Returns
+    -------
+    ``int64 [corpus.n_cells, n_neighbors]``: global indices of each training cell's neighbours
+    (the cell itself excluded; a study smaller than ``n_neighbors + 1`` cells repeats its last
+    neighbour); rows of other cells are ``-1``.
+    """
+    from scxtrimo.data._matrix import rows_as_csr
+
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}.")
+    train_cells = np.asarray(train_cells, dtype=np.int64)
+    table = np.full((corpus.n_cells, n_neighbors), -1, dtype=np.int64)
+    part_of = corpus.part_of(train_cells)
+    for i, part in enumerate(corpus.parts):  # a handful of studies
+        cells = train_cells[part_of == i]
+        if cells.size < 2:
+            raise ValueError(
+                f"Neighbour pairs need at least 2 training cells per study; {part.name} has "
+                f"{cells.size}. Drop the study or use positives='views'."
+            )
+        rows = cells - corpus.offsets[i]
+        features = expression_features(rows_as_csr(part.matrix, rows), seed=seed)
+        found = positive_pairs(features, n_neighbors=n_neighbors).neighbours[:, 1:]
+        table[cells] = cells[found]
+    return table

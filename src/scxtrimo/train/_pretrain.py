@@ -17,6 +17,7 @@ from ._corpus import CorpusPart, PretrainingCorpus
 from ._datamodule import PretrainingDataModule, PretrainingDataset
 from ._gene_bias import expected_masked_values
 from ._plan import XTrimoGeneTrainingPlan
+from ._positives import corpus_neighbours
 from ._settings import Fit, PretrainingObjective, TrainingResult, TrainingSettings
 from ._source_corpus import as_row_source, parts_from_source
 
@@ -196,6 +197,38 @@ def corpus_gene_bias(
     return (total / np.maximum(weight, 1)).astype(np.float32)
 
 
+@torch.no_grad()
+def start_cell_head(
+    module: XTrimoGeneModule,
+    dataset: PretrainingDataset,
+    train_cells: np.ndarray,
+    width: int,
+    seed: int,
+    n_cells: int = 512,
+) -> None:
+    """Give ``module`` a new cell head (hidden layer ``8 x width``), standardised on the pooled
+    vectors of training cells.
+
+    The standardisation (a fixed shift and scale) is taken from up to ``n_cells`` training
+    cells, drawn with ``seed``, as the untrained encoder pools them, in batches of 64.
+    """
+    head = module.add_cell_head(out_dim=width, hidden_dim=8 * width)
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(train_cells, min(n_cells, len(train_cells)), replace=False))
+    part_of = dataset.corpus.part_of(cells)
+    was_training = module.training
+    module.eval()
+    pooled = []
+    for part in np.unique(part_of):  # a batch never mixes studies
+        members = cells[part_of == part]
+        for start in range(0, len(members), 64):
+            batch = dataset[(0, members[start : start + 64])]
+            h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
+            pooled.append(module.pool(h, batch["padding_mask"], "all"))
+    head.standardise_on(torch.cat(pooled))
+    module.train(was_training)
+
+
 def run_pretraining(
     module: XTrimoGeneModule,
     corpus: PretrainingCorpus,
@@ -210,9 +243,11 @@ def run_pretraining(
 
     Called by :meth:`~scxtrimo.model.XTrimoGene.train`. The objective: masked regression of the
     full-depth cell from a (randomly) down-sampled view (scFoundation's read-depth-aware task),
-    plus ``contrastive_weight`` x InfoNCE between the pooled embeddings of that view and a
-    second, independently down-sampled and masked view of the same cell (off when
-    ``contrastive_weight == 0``).
+    plus ``contrastive_weight`` x InfoNCE (off when ``contrastive_weight == 0``) between the
+    pooled embeddings of that view and a second, independently down-sampled and masked view
+    of the same cell (``objective.positives="views"``), or between each cell and one of its
+    nearest cells in a PCA of its study (``"neighbours"``: half the encoder passes; see
+    :func:`~scxtrimo.train.corpus_neighbours`), optionally through a new cell head.
 
     Parameters
     ----------
@@ -240,7 +275,8 @@ def run_pretraining(
         raise ValueError("Training needs at least 2 valid cells.")
     s = settings
     masking = objective.masking
-    use_views = objective.contrastive_weight > 0
+    use_pairs = objective.positives == "neighbours" and objective.contrastive_weight > 0
+    use_views = objective.positives == "views" and objective.contrastive_weight > 0
     dataset = PretrainingDataset(
         corpus,
         TokenIndex(module.config.n_genes),
@@ -262,6 +298,12 @@ def run_pretraining(
         groups=corpus.part_of(np.arange(corpus.n_cells)),
         drop_last=s.drop_last,
     )
+    if use_pairs:
+        datamodule.partners = corpus_neighbours(
+            corpus, datamodule.train_idx, n_neighbors=objective.n_neighbors, seed=s.seed
+        )
+        if objective.cell_head_dim:
+            start_cell_head(module, dataset, datamodule.train_idx, objective.cell_head_dim, s.seed)
     if module.expression_bias is not None and init_expression_bias:
         start = corpus_gene_bias(corpus, datamodule.train_idx, masking)
         with torch.no_grad():
@@ -274,6 +316,7 @@ def run_pretraining(
         warmup_steps=s.warmup_steps,
         contrastive_weight=objective.contrastive_weight,
         temperature=objective.temperature,
+        pairs=use_pairs,
         **plan_kwargs,
     )
     kwargs = trainer_defaults(
@@ -308,6 +351,9 @@ def run_pretraining(
         "view_masking": dataset.view_masking.__dict__ if dataset.view_masking else None,
         "contrastive_weight": objective.contrastive_weight,
         "temperature": objective.temperature,
+        "positives": objective.positives,
+        "n_neighbors": objective.n_neighbors if use_pairs else None,
+        "cell_head_dim": objective.cell_head_dim,
         "corpus": corpus.summary(),
         "finetune": None,
     }

@@ -63,12 +63,32 @@ class PretrainingObjective:
         Weight of the InfoNCE term; 0 turns it off (no second view is built).
     temperature
         Softmax temperature of the InfoNCE term.
+    positives
+        What the InfoNCE term pairs: ``"views"``, two augmented views of each cell (two
+        encoder passes per cell); ``"neighbours"``, each cell and one of its ``n_neighbors``
+        nearest cells in a PCA of its study (one encoder pass per cell; the pair's cells are
+        both trained by masked regression).
+    n_neighbors
+        Neighbours per cell with ``positives="neighbours"``.
+    cell_head_dim
+        With ``positives="neighbours"``: train a new :class:`~scxtrimo.module.CellHead` of this
+        width with the encoder, and take the InfoNCE term on its output (it becomes the
+        model's cell embedding); 0: on the pooled vector.
     """
 
     masking: MaskingSpec = field(default_factory=MaskingSpec)
     view_masking: MaskingSpec | None = None
     contrastive_weight: float = 1.0
     temperature: float = 0.2
+    positives: str = "views"
+    n_neighbors: int = 10
+    cell_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positives not in ("views", "neighbours"):
+            raise ValueError(f"positives must be 'views' or 'neighbours', got {self.positives!r}.")
+        if self.cell_head_dim and self.positives != "neighbours":
+            raise ValueError("cell_head_dim needs positives='neighbours'.")
 
 
 @dataclass
