@@ -71,6 +71,35 @@ def test_adapting_layers_changes_only_the_top_layers(pbmc, tiny_model):
 
 
 @pytest.mark.slow
+def test_lora_adaptation_changes_only_the_top_layers_through_merged_adapters(pbmc, tiny_model):
+    pytest.importorskip("peft")
+    from scxtrimo.train._lora import has_lora
+
+    before = _weights(tiny_model)
+    adapted = scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=1, method="lora", lora_rank=2, **FAST)
+    after = _weights(adapted)
+    assert not has_lora(adapted.module)  # merged: a plain module, embedding at the base's cost
+    assert set(before) <= set(after)
+    assert not any(".lora_" in k or "base_layer" in k for k in after)
+    last = f"encoder.layers.{tiny_model.config.encoder_depth - 1}."
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    # Adapters sit on the weight matrices of the last layer; norms and biases stay frozen.
+    assert changed
+    assert all(k.startswith(last) and k.endswith(".weight") for k in changed)
+    assert not any("norm" in k for k in changed)
+    assert adapted.adaptation_["settings"]["lora_rank"] == 2
+    full = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=1, **FAST))
+    assert {k for k in before if not torch.equal(full[k], before[k])} - changed  # full trains more
+
+
+def test_lora_adaptation_needs_encoder_layers(pbmc, tiny_model):
+    with pytest.raises(ValueError, match="n_layers >= 1"):
+        scxtrimo.tl.adapt(pbmc, tiny_model, method="lora", **FAST)
+    with pytest.raises(ValueError, match="'full' or 'lora'"):
+        scxtrimo.tl.adapt(pbmc, tiny_model, n_layers=1, method="qlora", **FAST)
+
+
+@pytest.mark.slow
 def test_adapt_is_seeded(pbmc, tiny_model):
     a = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, seed=3, **FAST))
     b = _weights(scxtrimo.tl.adapt(pbmc, tiny_model, seed=3, **FAST))

@@ -18,6 +18,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _max_genes(text: str) -> int | str:
     return "all" if text == "all" else _positive_int(text)
 
@@ -226,13 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     ada.add_argument(
         "--batch-key", default=None, help="obs column of batches (adds cross-batch positives)"
     )
-    ada.add_argument("--max-steps", type=_positive_int, default=300, help="optimisation steps")
+    ada.add_argument("--max-steps", type=_positive_int, default=1000, help="optimisation steps")
     ada.add_argument(
         "--max-time", type=float, default=None, help="wall-time budget in seconds (default: none)"
     )
-    ada.add_argument("--n-layers", type=_positive_int, default=1, help="top encoder layers trained")
-    ada.add_argument("--batch-size", type=_positive_int, default=64, help="anchor cells per step")
-    ada.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    ada.add_argument(
+        "--n-layers",
+        type=_non_negative_int,
+        default=0,
+        help="top encoder layers trained with the cell head (0: the head alone)",
+    )
+    ada.add_argument(
+        "--method",
+        choices=("full", "lora"),
+        default="full",
+        help="train the top layers' weights (full) or LoRA adapters on them (lora)",
+    )
+    ada.add_argument("--lora-rank", type=_positive_int, default=8, help="rank of LoRA adapters")
+    ada.add_argument("--batch-size", type=_positive_int, default=256, help="anchor cells per step")
+    ada.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     ada.add_argument(
         "--checkpoint-dir",
         type=Path,
@@ -410,6 +429,8 @@ def run_adapt(args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         max_time=args.max_time,
         n_layers=args.n_layers,
+        method=args.method,
+        lora_rank=args.lora_rank,
         batch_size=args.batch_size,
         lr=args.lr,
         checkpoint_dir=args.checkpoint_dir,

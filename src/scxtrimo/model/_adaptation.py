@@ -69,6 +69,8 @@ class AdaptationMixin:
         max_steps: int = 1000,
         max_time: float | None = None,
         n_layers: int = 0,
+        method: Literal["full", "lora"] = "full",
+        lora_rank: int = 8,
         head_dim: int = 64,
         batch_size: int = 256,
         lr: float = 1e-3,
@@ -92,8 +94,20 @@ class AdaptationMixin:
         read (default: the model's ``input_settings``). Sets ``adaptation_``.
         """
         started = time.perf_counter()
+        if method not in ("full", "lora"):
+            raise ValueError(f"method must be 'full' or 'lora', got {method!r}.")
+        if method == "lora":
+            if n_layers < 1:
+                raise ValueError(
+                    "method='lora' adapts encoder layers with low-rank adapters; pass "
+                    "n_layers >= 1 (e.g. n_layers=2), or method='full' for the head alone."
+                )
+            from scxtrimo.train._lora import require_peft
+
+            require_peft()
         spec = AdaptationSpec(
             n_layers=n_layers,
+            lora_rank=lora_rank if method == "lora" else None,
             head_dim=head_dim,
             batch_size=batch_size,
             lr=lr,

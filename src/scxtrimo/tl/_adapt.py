@@ -33,6 +33,8 @@ def adapt(
     max_steps: int = 1000,
     max_time: float | None = None,
     n_layers: int = 0,
+    method: Literal["full", "lora"] = "full",
+    lora_rank: int = 8,
     head_dim: int = 64,
     batch_size: int = 256,
     lr: float = 1e-3,
@@ -96,6 +98,15 @@ def adapt(
     n_layers
         Top encoder layers trained with the head (with the final LayerNorm); 0 (default):
         the head alone on the frozen encoder, the cheapest (one inference pass, then seconds).
+    method
+        How the top ``n_layers`` layers train: ``"full"``, all their weights; ``"lora"``,
+        low-rank peft adapters of rank ``lora_rank`` on their attention and feed-forward
+        projections, their weights frozen (a fraction of the trainable parameters and of the
+        optimiser's memory, for large models such as scFoundation's 100M; needs
+        ``pip install scxtrimo[lora]`` and ``n_layers >= 1``). The adapters are merged into
+        the weights afterwards, so the adapted model embeds at the base model's cost.
+    lora_rank
+        Rank of each adapter with ``method="lora"``.
     head_dim
         Width of the adapted embedding.
     batch_size
@@ -168,6 +179,8 @@ def adapt(
         max_steps=max_steps,
         max_time=max_time,
         n_layers=n_layers,
+        method=method,
+        lora_rank=lora_rank,
         head_dim=head_dim,
         batch_size=batch_size,
         lr=lr,

@@ -59,6 +59,11 @@ class AdaptationSpec:
     n_layers
         Top encoder layers trained with the cell head (with the final LayerNorm); 0: the head
         alone, on the frozen encoder.
+    lora_rank
+        ``None``: the top ``n_layers`` train all their weights. A rank: they are adapted by
+        peft LoRA adapters of that rank (``alpha = 2 x rank``, on the attention and
+        feed-forward projections) while their weights stay frozen; the adapters are merged
+        into the weights at the end. Needs ``n_layers >= 1`` and ``peft``.
     head_dim
         Output width of the cell head.
     head_hidden
@@ -93,6 +98,7 @@ class AdaptationSpec:
     """
 
     n_layers: int = 0
+    lora_rank: int | None = None
     head_dim: int = 64
     head_hidden: int = 512
     noise: float = 0.1
@@ -112,6 +118,7 @@ class AdaptationSpec:
     def __post_init__(self) -> None:
         checks = {
             "n_layers": self.n_layers >= 0,
+            "lora_rank": self.lora_rank is None or (self.lora_rank >= 1 and self.n_layers >= 1),
             "head_dim": self.head_dim >= 1,
             "head_hidden": self.head_hidden >= 1,
             "noise": self.noise >= 0,
@@ -127,7 +134,8 @@ class AdaptationSpec:
         if bad:
             values = {name: getattr(self, name) for name in bad}
             raise ValueError(
-                f"Invalid adaptation settings {values}: n_layers >= 0, head_dim >= 1, head_hidden "
+                f"Invalid adaptation settings {values}: n_layers >= 0, lora_rank >= 1 with "
+                "n_layers >= 1 (LoRA adapts encoder layers), head_dim >= 1, head_hidden "
                 ">= 1, noise >= 0, batch_size >= 2, lr > 0, "
                 "temperature > 0, 0 < token_keep <= 1, 0 <= cross_batch_share <= 1, "
                 "max_steps >= 1 and max_time > 0 (or None)."
@@ -354,12 +362,24 @@ def adapt_module(
         torch.manual_seed(spec.seed)
         head = module.add_cell_head(spec.head_dim, spec.head_hidden)
     top = depth - spec.n_layers
+    before = {p: p.requires_grad for p in module.parameters()}
+    if spec.lora_rank is not None:
+        from ._lora import LoraSpec, inject_lora
+
+        lora = LoraSpec(rank=spec.lora_rank, alpha=2.0 * spec.lora_rank)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A's start
+            torch.manual_seed(spec.seed)
+            adapters = set(inject_lora(module, lora, layers=range(top, depth)))
+        module.to(dev)
     layers = [*module.encoder.layers[top:], module.encoder.final_norm] if spec.n_layers else []
     trained = torch.nn.ModuleList([head, *layers])
-    before = {p: p.requires_grad for p in module.parameters()}
     for p in module.parameters():
         p.requires_grad_(False)
-    params = list(trained.parameters())
+    if spec.lora_rank is None:
+        params = list(trained.parameters())
+    else:  # the head and the adapters; the adapted layers' own weights stay frozen
+        named = dict(module.named_parameters())
+        params = [*head.parameters(), *(named[n] for n in sorted(adapters))]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -495,6 +515,10 @@ def adapt_module(
                     save()
         save()
     finally:
+        if spec.lora_rank is not None:
+            from ._lora import merge_lora
+
+            merge_lora(module)  # embeds at the base's cost; an interrupted run keeps its progress
         for p, flag in before.items():
             p.requires_grad_(flag)
         module.eval()

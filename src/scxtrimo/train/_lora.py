@@ -111,8 +111,12 @@ class LoraSpec:
         )
 
 
-def lora_target_modules(module: XTrimoGeneModule, spec: LoraSpec) -> list[str]:
+def lora_target_modules(
+    module: XTrimoGeneModule, spec: LoraSpec, layers: Sequence[int] | None = None
+) -> list[str]:
     """Full names (in ``module``) of the linear layers ``spec`` adapts.
+
+    ``layers``: the encoder layers to adapt (``None``: all).
 
     Raises
     ------
@@ -133,13 +137,17 @@ def lora_target_modules(module: XTrimoGeneModule, spec: LoraSpec) -> list[str]:
             f"lora_targets {unknown} are not linear layers of an encoder layer; choose from "
             f"{sorted(linear)} (default {list(DEFAULT_LORA_TARGETS)})."
         )
-    for i in range(depth):
+    for i in range(depth) if layers is None else layers:
         names += [f"encoder.layers.{i}.{t}" for t in spec.target_names]
     return names
 
 
-def inject_lora(module: XTrimoGeneModule, spec: LoraSpec) -> list[str]:
+def inject_lora(
+    module: XTrimoGeneModule, spec: LoraSpec, layers: Sequence[int] | None = None
+) -> list[str]:
     """Inject peft LoRA adapters into ``module``'s encoder (in place).
+
+    ``layers``: the encoder layers to adapt (``None``: all of them).
 
     The adapters start as an exact no-op (``lora_B`` is zero), so the module computes what it
     computed before. peft marks only the adapters as trainable; the caller decides what else
@@ -152,7 +160,7 @@ def inject_lora(module: XTrimoGeneModule, spec: LoraSpec) -> list[str]:
     peft = require_peft()
     if has_lora(module):
         raise ValueError("The module already carries LoRA adapters; merge or discard them first.")
-    targets = lora_target_modules(module, spec)
+    targets = lora_target_modules(module, spec, layers)
     config = peft.LoraConfig(
         r=int(spec.rank),
         lora_alpha=float(spec.alpha),
