@@ -126,3 +126,20 @@ def test_negative_and_infinite_values_are_refused_under_skip_too(pbmc, tiny_mode
     cells.X = X
     with pytest.raises(ValueError, match=match):
         scxtrimo.tl.embed(cells, tiny_model, invalid_cells="skip")
+
+
+def test_adapt_and_gene_modules_skip_by_default_and_raise_when_asked(pbmc, tiny_model):
+    """The training and gene tools leave invalid cells out unless asked to refuse them."""
+    cells = pbmc.copy()  # 120 cells: adapt needs 50 usable ones
+    X = cells.X.tolil()
+    X[5, :] = 0
+    cells.X = X.tocsr()
+    with pytest.raises(ValueError, match="fewer than 2 counts"):
+        scxtrimo.tl.adapt(cells, tiny_model, invalid_cells="raise", max_steps=1)
+    adapted = scxtrimo.tl.adapt(cells, tiny_model, max_steps=1, progress_bar=False)
+    assert adapted.adaptation_["n_cells"] == cells.n_obs - 1
+    genes = list(cells.var_names[np.argsort(-np.asarray(cells.X.sum(0)).ravel())[:12]])
+    with pytest.raises(ValueError, match="fewer than 2 counts"):
+        scxtrimo.tl.gene_modules(cells, tiny_model, genes=genes, invalid_cells="raise")
+    scxtrimo.tl.gene_modules(cells, tiny_model, genes=genes, max_cells=20, progress_bar=False)
+    assert cells.var["scxtrimo_module"].notna().sum() == 12

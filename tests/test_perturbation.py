@@ -227,3 +227,14 @@ def test_bad_input_fails_before_any_work(kang, monkeypatch, change, kwargs, erro
     args = {**ARGS, "held_out": HELD_OUT, **kwargs}
     with pytest.raises(error, match=message):
         scxtrimo.tl.predict_perturbation(kang, **args)
+
+
+def test_an_invalid_control_cell_is_refused_when_asked(kang, shipped_model):
+    control = np.flatnonzero((kang.obs["condition"] == "ctrl").to_numpy())[0]
+    X = sp.csr_matrix(kang.X).tolil()
+    X[control, :] = 0
+    kang.X = X.tocsr()
+    with pytest.raises(ValueError, match="fewer than 2 counts"):
+        scxtrimo.tl.predict_perturbation(
+            kang, shipped_model, held_out=HELD_OUT, invalid_cells="raise", **ARGS, **FAST
+        )

@@ -83,6 +83,7 @@ class AdaptationMixin:
         max_cells: int = 20_000,
         max_memory_gb: float = 4.0,
         checkpoint_dir: str | os.PathLike | None = None,
+        invalid_cells: Literal["raise", "skip"] = "skip",
         seed: int = 0,
         device: str | None = None,
         progress_bar: bool | None = None,
@@ -133,7 +134,7 @@ class AdaptationMixin:
             adata,
             input_settings=input_settings or self.input_settings,
             max_genes=max_genes,
-            invalid="skip",
+            invalid=invalid_cells,
         )
         cells = np.unique(prep.cells)
         if cells.size < MIN_CELLS:

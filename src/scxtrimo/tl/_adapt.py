@@ -47,6 +47,7 @@ def adapt(
     max_cells: int = 20_000,
     max_memory_gb: float = 4.0,
     checkpoint_dir: str | os.PathLike | None = None,
+    invalid_cells: Literal["raise", "skip"] = "skip",
     seed: int = 0,
     mod: str = "rna",
     device: str | None = None,
@@ -134,6 +135,10 @@ def adapt(
     checkpoint_dir
         Folder for a checkpoint written every 50 steps; an interrupted call resumes from it
         when called again with the same arguments. ``None``: no checkpoint.
+    invalid_cells
+        Cells with fewer than 2 in-vocabulary counts are ``"skip"``-ped (default: not
+        trained on; the log says how many) or ``"raise"`` an error naming them before any
+        work. Embedding them afterwards follows :func:`~scxtrimo.tl.embed`'s own setting.
     seed
         Seed of the cell subset, the PCA, anchors, positives and views.
     mod
@@ -193,6 +198,7 @@ def adapt(
         max_cells=max_cells,
         max_memory_gb=max_memory_gb,
         checkpoint_dir=checkpoint_dir,
+        invalid_cells=invalid_cells,
         seed=seed,
         device=device,
         progress_bar=progress_bar,

@@ -133,6 +133,7 @@ def gene_modules(
     gene_ids_key: str | None = None,
     input_type: Literal["counts", "log1p"] | None = None,
     total_counts_key: str | None = None,
+    invalid_cells: Literal["raise", "skip"] = "skip",
     mod: str = "rna",
     device: str | None = None,
     progress_bar: bool | None = None,
@@ -176,6 +177,10 @@ def gene_modules(
     target_depth, batch_size
         How to decode the cells for ``use="context"``; see :func:`scxtrimo.tl.embed`.
     {doc_input_settings}
+    invalid_cells
+        ``use="context"``: cells with fewer than 2 in-vocabulary counts are ``"skip"``-ped
+        (default: they are not averaged over) or ``"raise"`` an error naming them, before
+        any work.
     mod
         Modality of a MuData.
     device, progress_bar
@@ -232,7 +237,7 @@ def gene_modules(
         emb = table[col_to_vocab[cols]]
     else:
         prep = net.prepare_input(
-            target, input_settings=settings, target_depth=target_depth, invalid="skip"
+            target, input_settings=settings, target_depth=target_depth, invalid=invalid_cells
         )
         codes = np.full(target.n_obs, -1, dtype=np.int64)
         codes[prep.cells] = 0

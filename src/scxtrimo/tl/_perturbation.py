@@ -69,6 +69,7 @@ def predict_perturbation(
     clip: bool = True,
     target_sum: float = 1e4,
     batch_size: int | None = None,
+    invalid_cells: Literal["raise", "skip"] = "skip",
     device: str | None = None,
     random_state: int = 0,
 ) -> AnnData:
@@ -131,6 +132,10 @@ def predict_perturbation(
         Counts per cell of the normalisation, ``log1p(x / total * target_sum)``.
     batch_size, device
         For embedding with the model.
+    invalid_cells
+        ``representation="embedding"``: control cells with fewer than 2 in-vocabulary counts
+        are ``"skip"``-ped (default: left out of the fit, and their predictions are NaN) or
+        ``"raise"`` an error naming them before the model runs.
     random_state
         Seed of the head's initialisation-free training (episode sampling); the same seed and
         input give bitwise-identical predictions.
@@ -190,6 +195,7 @@ def predict_perturbation(
         layer=layer,
         batch_size=batch_size,
         device=device,
+        invalid_cells=invalid_cells,
     )
     rep_seconds = time.perf_counter() - start
     n_seen = plan["seen_control_rows"].size
@@ -453,6 +459,7 @@ def _representation(
     layer: str | None,
     batch_size: int | None,
     device: str | None,
+    invalid_cells: str = "skip",
 ) -> tuple[np.ndarray, str | None]:
     if representation == "expression":
         return _dense_rows(lognorm, rows), None
@@ -466,7 +473,7 @@ def _representation(
         adata,
         indices=rows,
         batch_size=batch_size,
-        invalid_cells="skip",
+        invalid_cells=invalid_cells,
         device=device,
         layer=layer,
     )
