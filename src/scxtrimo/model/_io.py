@@ -118,9 +118,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_checked(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, assign: bool = False
 ) -> None:
     """Load ``state`` into ``module`` after checking every name and shape.
+
+    ``assign=True``: the module takes the tensors of ``state`` as its own instead of copying
+    them (a module built on the ``meta`` device gets its memory this way).
 
     Raises
     ------
@@ -147,7 +150,7 @@ def load_state_dict_checked(
             f"The weights in {source} do not fit this architecture: {'; '.join(problems)}. "
             "The file is from another model or configuration."
         )
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 # ----------------------------------------------------------------------------------------
@@ -524,10 +527,14 @@ class SaveLoadMixin:
         logger.info(LICENSE_NOTICE)
         if adata is not None:
             cls.setup_anndata(adata)
+        # The module is built without memory (meta) and takes the file's tensors as its own:
+        # no random initialisation of 100M weights, and no second copy of them. The tensors of
+        # a zip-format file are memory-mapped copy-on-write, so only the pages the model reads
+        # (the encoder's, for cell embeddings) become resident.
+        with torch.device("meta"):
             model = cls(adata, config=config)
-        else:
-            model = cls(None, config=config)
-        load_state_dict_checked(model.module, state, source=f"{path} [{checkpoint}]")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        load_state_dict_checked(model.module, state, source=f"{path} [{checkpoint}]", assign=True)
         model.default_target_depth_ = "t4"  # the official default (--tgthighres t4)
         model.source_ = f"scfoundation:{checkpoint}"
         model.is_trained_ = True
