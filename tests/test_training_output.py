@@ -7,7 +7,7 @@ import pytest
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import scxtrimo
-from scxtrimo.train._quiet import NOTICE_LOGGERS, quiet_lightning
+from scxtrimo.inference._quiet import NOTICE_LOGGERS, quiet_lightning
 
 LEAFSPEC = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`"
 

@@ -19,6 +19,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from ._quiet import quiet_lightning
 from ._store import EmbeddingStore
 
 
@@ -110,24 +111,25 @@ def predict_chunks(
     Each of the ``devices`` x ``num_nodes`` processes embeds ``pending[rank::world_size]`` and
     writes its chunks through a :class:`StoreWriter`.
     """
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        callbacks=[StoreWriter(store.path, store.key)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=True,
-    )
-    trainer.predict(
-        ChunkPredictor(engine),
-        datamodule=ChunkDataModule(pending),
-        return_predictions=False,
-    )
+    with quiet_lightning():  # no "GPU available: ..." notices; real warnings still pass
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            callbacks=[StoreWriter(store.path, store.key)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            inference_mode=True,
+        )
+        trainer.predict(
+            ChunkPredictor(engine),
+            datamodule=ChunkDataModule(pending),
+            return_predictions=False,
+        )
 
 
 __all__ = ["ChunkDataModule", "ChunkPredictor", "StoreWriter", "predict_chunks"]

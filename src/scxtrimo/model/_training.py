@@ -335,9 +335,9 @@ class TrainingMixin:
 
         The runner records the history on the model; it is kept as plain floats afterwards
         (Lightning logs 0-d tensors), for JSON and plotting. Lightning's start-up notices are
-        kept out of the output (:func:`~scxtrimo.train._quiet.quiet_lightning`).
+        kept out of the output (:func:`~scxtrimo.inference._quiet.quiet_lightning`).
         """
-        from scxtrimo.train._quiet import quiet_lightning
+        from scxtrimo.inference._quiet import quiet_lightning
 
         with quiet_lightning():
             runner = self._train_runner_cls(

@@ -1,4 +1,7 @@
-"""Lightning's per-run notices kept out of a training run's output; its real warnings kept."""
+"""Lightning's per-run notices kept out of a run's output; its real warnings kept.
+
+Used by training and by multi-process prediction (:mod:`scxtrimo.inference._distributed`).
+"""
 
 from __future__ import annotations
 
