@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scxtrimo.model._scfoundation import map_scfoundation_key, scfoundation_state_dict_keys
 from scxtrimo.module import (
@@ -531,3 +533,30 @@ def test_visible_loss_term():
     _, generative, out = plain(batch)
     assert "visible_prediction" not in generative
     assert "visible_mse" not in out.extra_metrics
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=24), min_size=1, max_size=6),
+    norm_first=st.booleans(),
+)
+def test_packed_tokens_give_the_padded_result_at_real_positions(lengths, norm_first):
+    """Inference runs the per-token layers on the real tokens only; nothing else changes."""
+    from scxtrimo.module._encoder import TransformerEncoder
+
+    torch.manual_seed(len(lengths))
+    enc = TransformerEncoder(32, 2, 4, 64, dropout=0.0, norm_first=norm_first).eval()
+    width = max(lengths) + 3  # every batch carries some padding
+    x = torch.randn(len(lengths), width, 32)
+    padding = torch.arange(width)[None, :] >= torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        packed = enc(x, padding)
+        enc.pack_tokens = False
+        padded = enc(x, padding)
+    real = ~padding
+    torch.testing.assert_close(packed[real], padded[real], rtol=1e-5, atol=1e-5)
+    assert (packed[padding] == 0).all()
+    enc.pack_tokens = True
+    with torch.enable_grad():  # training keeps the padded path (and its gradients)
+        trained = enc(x.requires_grad_(), padding)
+    torch.testing.assert_close(trained[real], padded[real], rtol=1e-5, atol=1e-5)

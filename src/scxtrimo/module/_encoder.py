@@ -9,7 +9,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["MultiHeadSelfAttention", "TransformerEncoder", "TransformerEncoderLayer"]
+__all__ = [
+    "MultiHeadSelfAttention",
+    "TokenPacking",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+]
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -70,6 +75,60 @@ class MultiHeadSelfAttention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(batch_size, length, self.dim)
         return self.out_proj(out)
+
+    def forward_packed(self, x: torch.Tensor, packing: TokenPacking) -> torch.Tensor:
+        """Attend over packed tokens ``[N, dim]`` (the real tokens of a batch, no padding).
+
+        The projections run on the ``N`` real tokens only; the scores are computed per cell
+        on the batch's padded layout (``packing``), which costs ``O(B L^2)`` where the
+        projections cost ``O(N dim^2)``.
+        """
+        head_dim = self.dim // self.heads
+        qkv = packing.unpack(self.qkv_proj(x))  # [B, L, 3 dim], zeros at padding
+        batch_size, length = qkv.shape[:2]
+        query, key, value = (
+            qkv.view(batch_size, length, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        )
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=packing.attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(batch_size, length, self.dim)
+        return self.out_proj(packing.pack(out))
+
+
+class TokenPacking:
+    """Where the real tokens of a padded batch ``[B, L]`` sit, to run per-token layers on them only.
+
+    Linear layers, norms and activations act on each token alone, so they can run on the
+    ``N`` real tokens packed into ``[N, dim]`` instead of the ``B x L`` padded ones; attention
+    unpacks to the padded layout for its scores. Inference batches are length-bucketed with up
+    to 25% padding (``scxtrimo.data.plan_batches``), which the packed layers no longer compute.
+
+    Parameters
+    ----------
+    padding_mask
+        Boolean ``[B, L]``; ``True`` marks padding.
+    """
+
+    def __init__(self, padding_mask: torch.Tensor) -> None:
+        padding_mask = padding_mask.to(torch.bool)
+        self.shape = tuple(padding_mask.shape)
+        self.index = (~padding_mask).reshape(-1).nonzero().squeeze(1)  # flat positions, [N]
+        #: ``[B, 1, 1, L]``: every query may attend to every non-padded key.
+        self.attention_mask = ~padding_mask[:, None, None, :]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, d]`` -> the real tokens ``[N, d]``."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, d]`` -> ``[B, L, d]`` with zeros at padded positions."""
+        out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1])
+        return out.index_copy(0, self.index, x).view(*self.shape, x.shape[-1])
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -153,6 +212,18 @@ class TransformerEncoderLayer(nn.Module):
         x = self.attention_norm(x + self._attention_block(x, attention_mask))
         return self.ff_norm(x + self._feed_forward_block(x))
 
+    def forward_packed(self, x: torch.Tensor, packing: TokenPacking) -> torch.Tensor:
+        """:meth:`forward` on packed tokens ``[N, dim]`` (see :class:`TokenPacking`)."""
+
+        def attend(y: torch.Tensor) -> torch.Tensor:
+            return F.dropout(self.attention.forward_packed(y, packing), self.dropout, self.training)
+
+        if self.norm_first:
+            x = x + attend(self.attention_norm(x))
+            return x + self._feed_forward_block(self.ff_norm(x))
+        x = self.attention_norm(x + attend(x))
+        return self.ff_norm(x + self._feed_forward_block(x))
+
 
 class TransformerEncoder(nn.Module):
     """Stack of ``TransformerEncoderLayer`` followed by a final LayerNorm.
@@ -213,6 +284,9 @@ class TransformerEncoder(nn.Module):
         #: Recompute each layer's activations in the backward pass instead of keeping them
         #: (training with gradients only; same results, less memory, one more forward).
         self.gradient_checkpointing = False
+        #: Without gradients, run the per-token layers on the real tokens only
+        #: (:class:`TokenPacking`); the padded layout is kept for attention scores.
+        self.pack_tokens = True
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode.
@@ -260,6 +334,19 @@ class TransformerEncoder(nn.Module):
         stop = depth if stop is None else stop
         if not 0 <= start <= stop <= depth:
             raise ValueError(f"Layer range {start}..{stop} is outside 0..{depth}.")
+        if (
+            self.pack_tokens
+            and padding_mask is not None
+            and not torch.is_grad_enabled()
+            and start < stop
+        ):
+            packing = TokenPacking(padding_mask)
+            packed = packing.pack(x)
+            for layer in self.layers[start:stop]:
+                packed = layer.forward_packed(packed, packing)
+            if stop == depth:
+                packed = self.final_norm(packed)
+            return packing.unpack(packed)
         attention_mask = None
         if padding_mask is not None:
             # [B, 1, 1, L]: every query may attend to every non-padded key.
