@@ -117,10 +117,15 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
         "rawcount": True,
         "model": "mae_autobin",
     }
-    sub = {"config": {"model": "mae_autobin", "model_config": {"mae_autobin": model_config}}}
-    sub["state_dict"] = state
+    config_entry = {"model": "mae_autobin", "model_config": {"mae_autobin": model_config}}
+    # Three sub-models with their own storage, as in the released file (torch.save would
+    # store one shared storage once).
+    subs = {
+        name: {"config": config_entry, "state_dict": {k: v.clone() for k, v in state.items()}}
+        for name in ("gene", "cell", "rde")
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"gene": sub, "cell": sub, "rde": sub}, path)
+    torch.save(subs, path)
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", flush=True)
 
 
