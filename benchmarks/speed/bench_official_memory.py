@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: The child process: load, embed at two depths, print one JSON line.
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 import numpy as np
 
 def peak_mib():
@@ -72,6 +72,10 @@ for name, data, options in runs:
     t = time.perf_counter()
     scxtrimo.tl.embed(data, model, batch_size=options.get("batch_size"))
     report[f"{name}_s_per_cell"] = (time.perf_counter() - t) / n
+    if name in ("low", "full") and len(sys.argv) > 4:
+        np.save(f"{sys.argv[4]}/{name}_ours.npy", data.obsm["X_scxtrimo"])
+        if not os.path.exists(f"{sys.argv[4]}/{name}.csv"):  # the official script's input
+            data.to_df().to_csv(f"{sys.argv[4]}/{name}.csv")
     genes = np.diff(data.X.tocsr().indptr)
     report[f"{name}_median_genes"] = float(np.median(genes))
     if name == "full":
@@ -91,7 +95,11 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
     shapes = scfoundation_state_dict_keys(config)
     generator = torch.Generator().manual_seed(seed)
     state = {
-        f"model.{k}": (torch.randn(shape, generator=generator) * 0.02)
+        f"model.{k}": (
+            torch.zeros(shape, dtype=torch.long)  # the Performer's redraw counter
+            if k.endswith("calls_since_last_redraw")
+            else torch.randn(shape, generator=generator) * 0.02
+        )
         for k, shape in shapes.items()
     }
     block = {"hidden_dim": 768, "depth": 12, "heads": 12, "dim_head": 64, "seq_len": 19266}
@@ -117,7 +125,23 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
         "rawcount": True,
         "model": "mae_autobin",
     }
-    config_entry = {"model": "mae_autobin", "model_config": {"mae_autobin": model_config}}
+    # The released file's masking settings (the official loader copies them into its config).
+    dataset_config = {
+        "bin_type": "auto_bin",
+        "value_mask_prob": 0.3,
+        "zero_mask_prob": 0.03,
+        "replace_prob": 0.8,
+        "random_token_prob": 0.1,
+        "mask_ignore_token_ids": [0],
+        "decoder_add_zero": True,
+        "mae_encoder_max_seq_len": 15000,
+        "mask_prob": 0.3,
+    }
+    config_entry = {
+        "model": "mae_autobin",
+        "model_config": {"mae_autobin": model_config},
+        "dataset_config": {"rnaseq": dataset_config},
+    }
     # Three sub-models with their own storage, as in the released file (torch.save would
     # store one shared storage once).
     subs = {
@@ -129,11 +153,18 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)", flush=True)
 
 
-def measure(source_root: Path, checkpoint: Path, n_cells: int, threads: int) -> dict:
-    """Run the child in a fresh process with ``source_root/src`` first on the path."""
+def measure(
+    source_root: Path, checkpoint: Path, n_cells: int, threads: int, save: Path | None = None
+) -> dict:
+    """Run the child in a fresh process with ``source_root/src`` first on the path.
+
+    ``save``: a folder for the low- and full-depth embeddings and the cells as CSV (the
+    official script's input).
+    """
     env = {**os.environ, "PYTHONPATH": str(source_root / "src"), "OMP_NUM_THREADS": str(threads)}
+    extra = [] if save is None else [str(save)]
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(checkpoint), str(n_cells), str(threads)],
+        [sys.executable, "-c", CHILD, str(checkpoint), str(n_cells), str(threads), *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -145,6 +176,97 @@ def measure(source_root: Path, checkpoint: Path, n_cells: int, threads: int) -> 
     return json.loads(lines[-1].removeprefix("REPORT "))
 
 
+#: Runs a command and prints the peak RSS of its process tree (KiB) and its wall time.
+TIMED = r"""
+import resource, subprocess, sys, time
+t = time.perf_counter()
+done = subprocess.run(sys.argv[2:], cwd=sys.argv[1], capture_output=True, text=True)
+wall = time.perf_counter() - t
+sys.stderr.write(done.stderr[-4000:])
+print("RSS", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "WALL", wall, "RC", done.returncode)
+"""
+
+
+def _tqdm_seconds_per_item(stderr: str) -> float | None:
+    """Seconds per item of the last tqdm bar in ``stderr`` (its ``s/it`` or ``it/s`` rate)."""
+    import re
+
+    found = re.findall(r"([0-9.]+)(s/it|it/s)\]", stderr)
+    if not found:
+        return None
+    value, unit = found[-1]
+    return float(value) if unit == "s/it" else 1.0 / float(value)
+
+
+def run_official(checkout: Path, checkpoint: Path, work: Path, threads: int) -> dict:
+    """The official ``model/get_embedding.py`` on the same cells and checkpoint, on a CPU.
+
+    A temporary copy of ``checkout/model`` is patched only where
+    ``../shared/reference/official_baseline.md`` says: the ``.cuda()`` calls are removed.
+    ``models/models.ckpt`` links to ``checkpoint``. Needs ``pip install einops
+    local-attention`` (the official code imports them).
+    """
+    import numpy as np
+
+    copy = work / "official_model"
+    subprocess.run(["cp", "-r", str(checkout / "model"), str(copy)], check=True)
+    for name in ("get_embedding.py", "load.py"):
+        path = copy / name
+        path.write_text(path.read_text().replace(".cuda()", ""))
+    (copy / "models").mkdir(exist_ok=True)
+    link = copy / "models" / "models.ckpt"
+    link.unlink(missing_ok=True)
+    link.symlink_to(checkpoint.resolve())
+    report = {}
+    for depth in ("low", "full"):
+        out_dir = work / f"official_{depth}"
+        out_dir.mkdir(exist_ok=True)
+        command = [
+            sys.executable,
+            "get_embedding.py",
+            "--task_name",
+            depth,
+            "--input_type",
+            "singlecell",
+            "--output_type",
+            "cell",
+            "--pool_type",
+            "all",
+            "--tgthighres",
+            "t4",
+            "--pre_normalized",
+            "F",
+            "--version",
+            "ce",
+            "--data_path",
+            str(work / f"{depth}.csv"),
+            "--save_path",
+            str(out_dir),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run(
+            [sys.executable, "-c", TIMED, str(copy), *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        line = [x for x in done.stdout.splitlines() if x.startswith("RSS ")]
+        fields = line[-1].split() if line else []
+        if not fields or fields[5] != "0":
+            raise RuntimeError(f"the official script failed:\n{done.stderr[-3000:]}")
+        n = len(np.load(work / f"{depth}_ours.npy"))
+        official = np.load(next(out_dir.glob("*.npy"))).reshape(n, -1)
+        ours = np.load(work / f"{depth}_ours.npy")
+        report[depth] = {
+            "peak_rss_mib": int(fields[1]) / 1024,
+            "wall_s": float(fields[3]),
+            "loop_s_per_cell": _tqdm_seconds_per_item(done.stderr),
+            "max_abs_difference_to_ours": float(np.abs(official - ours).max()),
+        }
+    return report
+
+
 def main() -> None:
     """Measure this checkout (and ``--git-ref``), write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -153,6 +275,12 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--git-ref", default=None, help="also measure this commit")
+    parser.add_argument(
+        "--official-checkout",
+        type=Path,
+        default=None,
+        help="a clone of biomap-research/scFoundation: run its get_embedding.py side by side",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.make_checkpoint or not args.checkpoint.is_file():
@@ -173,13 +301,18 @@ def main() -> None:
                     ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
                     check=False,
                 )
-        runs["this checkout"] = measure(ROOT, args.checkpoint, args.n_cells, args.threads)
+        work = Path(tmp)
+        runs["this checkout"] = measure(ROOT, args.checkpoint, args.n_cells, args.threads, work)
+        official = None
+        if args.official_checkout is not None:
+            official = run_official(args.official_checkout, args.checkpoint, work, args.threads)
     report = {
         "checkpoint_bytes": args.checkpoint.stat().st_size,
         "n_cells": args.n_cells,
         "threads": args.threads,
         "load_average": os.getloadavg(),
         "runs": runs,
+        "official": official,
         "date": time.strftime("%Y-%m-%d"),
     }
     lines = [
@@ -211,6 +344,27 @@ def main() -> None:
             f"{this['low_s_per_cell']:.3f} s / cell, padded {this['low_padded_s_per_cell']:.3f} "
             f"s / cell, one cell per pass {this['low_one_cell_s_per_cell']:.3f} s / cell.",
         ]
+    if official:
+        lines += [
+            "",
+            "Side by side with the official `model/get_embedding.py` (its `.cuda()` calls "
+            "removed; one cell per forward pass) on the same cells and checkpoint, each a whole "
+            "command-line run (imports, reading, loading, embedding); the official time per cell "
+            "is its inference loop (tqdm), ours is `tl.embed`:",
+            "",
+            "| depth | official s / cell | scxtrimo s / cell | ratio | official peak RSS | "
+            "scxtrimo peak RSS | largest difference of the embeddings |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for depth in ("low", "full"):
+            o = official[depth]
+            mine = this[f"{depth}_s_per_cell"]
+            lines.append(
+                f"| {depth} ({this[f'{depth}_median_genes']:.0f} genes) | "
+                f"{o['loop_s_per_cell']:.3f} | {mine:.3f} | {o['loop_s_per_cell'] / mine:.2f}x | "
+                f"{o['peak_rss_mib']:.0f} MiB | {this['after_embed_mib']:.0f} MiB | "
+                f"{o['max_abs_difference_to_ours']:.1e} |"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "official_memory.json").write_text(json.dumps(report, indent=1))
     (args.out / "official_memory.md").write_text("\n".join(lines) + "\n")
