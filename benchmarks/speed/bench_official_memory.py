@@ -63,6 +63,7 @@ X = low.X.tocsr().astype(np.int64)
 X.data = rng.binomial(X.data, 0.08)
 X.eliminate_zeros()
 low.X = X.astype(np.float32)
+scxtrimo.tl.embed(low[:2].copy(), model)  # warm-up: kernels compiled, threads started
 encoder = model.module.encoder
 runs = [("low", low, {}), ("full", cells, {})]
 if hasattr(encoder, "pack_tokens"):  # older code has no packing and no switch
