@@ -365,7 +365,7 @@ def main() -> None:
             o = official[depth]
             mine, int8 = this[f"{depth}_s_per_cell"], this.get(f"{depth}_int8_s_per_cell")
             theirs = o["loop_s_per_cell"]
-            int8_cells = "-" if int8 is None else f"{int8:.3f} | {theirs / int8:.2f}x"
+            int8_cells = "- | -" if int8 is None else f"{int8:.3f} | {theirs / int8:.2f}x"
             lines.append(
                 f"| {depth} ({this[f'{depth}_median_genes']:.0f} genes) | {theirs:.3f} | "
                 f"{mine:.3f} | {theirs / mine:.2f}x | {int8_cells} | "
