@@ -16,8 +16,9 @@ part, for every embedding in the same run:
 - pbmc4k -> Kang (cross-study, shared cell types, both files cut to their common genes).
 
 At most 2,000 reference and 1,500 held-out cells per split are drawn (seeded), the same for
-every embedding. Embeddings: the model(s), an untrained model of the same configuration, PCA-50 on 2,000 HVGs
-of log-normalised counts (fitted on the training part). Metrics: kNN (k = 15) macro-F1,
+every embedding. Embeddings: the model(s), an untrained model of the same configuration, PCA-50
+on 2,000 HVGs of log-normalised counts (fitted on the training part) and, for a default with a
+cell head, its pooled vector without the head. Metrics: kNN (k = 15) macro-F1,
 logistic-regression macro-F1 and ``scxtrimo.tl.transfer_labels`` (distance-weighted kNN)
 macro-F1. A diagnosis of what each model's embedding encodes (correlation of its leading
 components with log total counts and genes per cell, per part of the pooled vector) is
@@ -131,8 +132,13 @@ def load_models(args) -> dict[str, XTrimoGene]:
     for spec in args.ablation:
         name, path = spec.split("=", 1)
         models[name] = XTrimoGene.load(path)
-    # An untrained model of the default's configuration, embedding the same way.
     default = models["default"]
+    if default.module.cell_head is not None:  # what the head adds over the pooled vector
+        pooled = default.copy()
+        pooled.module.cell_head = None
+        pooled.module.config = pooled.module.config.replace(cell_head_dim=0)
+        models["default: pooled vector, no head"] = pooled
+    # An untrained model of the default's configuration, embedding the same way.
     ref = splits_mod.pbmc4k_split(splits_mod.data_dir(args.data)).adata
     XTrimoGene.setup_anndata(ref)
     torch.manual_seed(0)
