@@ -212,7 +212,10 @@ def start_cell_head(
     The standardisation (a fixed shift and scale) is taken from up to ``n_cells`` training
     cells, drawn with ``seed``, as the untrained encoder pools them, in batches of 64.
     """
-    head = module.add_cell_head(out_dim=width, hidden_dim=8 * width)
+    with torch.random.fork_rng(devices=[]):  # the head's start depends on the seed alone
+        torch.manual_seed(seed)
+        head = module.add_cell_head(out_dim=width, hidden_dim=8 * width)
+    device = next(module.parameters()).device
     rng = np.random.default_rng(seed)
     cells = np.sort(rng.choice(train_cells, min(n_cells, len(train_cells)), replace=False))
     part_of = dataset.corpus.part_of(cells)
@@ -223,8 +226,8 @@ def start_cell_head(
         members = cells[part_of == part]
         for start in range(0, len(members), 64):
             batch = dataset[(0, members[start : start + 64])]
-            h = module.encode(batch["gene_index"], batch["value"], batch["padding_mask"])
-            pooled.append(module.pool(h, batch["padding_mask"], "all"))
+            tokens = [batch[k].to(device) for k in ("gene_index", "value", "padding_mask")]
+            pooled.append(module.pool(module.encode(*tokens), tokens[2], "all"))
     head.standardise_on(torch.cat(pooled))
     module.train(was_training)
 
