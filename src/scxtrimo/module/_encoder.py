@@ -128,7 +128,8 @@ class TokenPacking:
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, d]`` -> ``[B, L, d]`` with zeros at padded positions."""
         out = x.new_zeros(self.shape[0] * self.shape[1], x.shape[-1])
-        return out.index_copy(0, self.index, x).view(*self.shape, x.shape[-1])
+        out.index_copy_(0, self.index, x)  # in place: one padded buffer, not two
+        return out.view(*self.shape, x.shape[-1])
 
 
 class TransformerEncoderLayer(nn.Module):
