@@ -286,7 +286,7 @@ class TransformerEncoder(nn.Module):
         #: (training with gradients only; same results, less memory, one more forward).
         self.gradient_checkpointing = False
         #: Without gradients, run the per-token layers on the real tokens only
-        #: (:class:`TokenPacking`); the padded layout is kept for attention scores.
+        #: (``module._encoder.TokenPacking``); the padded layout is kept for attention scores.
         self.pack_tokens = True
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
