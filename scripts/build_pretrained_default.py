@@ -143,6 +143,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-genes", type=int, default=256)
+    parser.add_argument(
+        "--nonzero-prob", type=float, default=0.3, help="share of non-zero genes masked"
+    )
+    parser.add_argument(
+        "--regression-every", type=int, default=1, help="decoder on every k-th step (neighbours)"
+    )
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument(
@@ -200,7 +206,11 @@ def main() -> None:
             for a in corpus
         ]
     down = 0.0 if args.no_depth_pairs else None
-    masking = MaskingSpec(zero_prob=0.01, **({} if down is None else {"downsample_prob": down}))
+    masking = MaskingSpec(
+        nonzero_prob=args.nonzero_prob,
+        zero_prob=0.01,
+        **({} if down is None else {"downsample_prob": down}),
+    )
     view_masking = MaskingSpec(zero_prob=0.01, downsample_prob=1.0 if down is None else down)
     weight = 0.0 if args.no_contrastive else args.contrastive_weight
 
@@ -226,6 +236,7 @@ def main() -> None:
         temperature=args.temperature,
         positives=args.positives,
         cell_head_dim=args.cell_head_dim if args.positives == "neighbours" else 0,
+        regression_every=args.regression_every,
         train_size=0.98,
         seed=args.seed,
         accelerator="auto",

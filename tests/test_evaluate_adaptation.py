@@ -72,3 +72,27 @@ def test_well_mixed_entropy(ev):
     assert ev.well_mixed_entropy(shares) == pytest.approx(expected)
     with pytest.raises(ValueError, match="two batches"):
         ev.batch_entropy(np.zeros((5, 2)), np.array(["a"] * 5))
+
+
+def test_adapted_methods_average_their_seeds_and_show_the_range(ev, monkeypatch):
+    def fake_run(ds, method, folder, args, seed):
+        return {
+            "knn_macro_f1": 0.90 + 0.02 * seed,
+            "logreg_macro_f1": 0.80,
+            "total_s": 10.0 * (seed + 1),
+            "fit_s": 5.0,
+            "embed_s": 1.0,
+            "peak_rss_delta_mib": None,
+            "seed": seed,
+        }
+
+    monkeypatch.setattr(ev, "_run_once", fake_run)
+    args = type("Args", (), {"seeds": [0, 1, 2]})()
+    adapted = ev.run_method(None, "adapted_default", None, args)
+    assert adapted["seeds"] == [0, 1, 2]
+    assert adapted["knn_macro_f1"] == pytest.approx(0.92)
+    assert adapted["total_s"] == pytest.approx(20.0)
+    assert ev._score(adapted, "knn_macro_f1") == "0.920 (0.900–0.940)"
+    pca = ev.run_method(None, "pca", None, args)  # deterministic baselines run once
+    assert "per_seed" not in pca
+    assert ev._score(pca, "knn_macro_f1") == "0.900"

@@ -87,6 +87,55 @@ def test_objective_refuses_unknown_positives_and_a_head_without_pairs():
         PretrainingObjective(positives="labels")
     with pytest.raises(ValueError, match="cell_head_dim needs"):
         PretrainingObjective(cell_head_dim=16)
+    with pytest.raises(ValueError, match="regression_every > 1 interleaves"):
+        PretrainingObjective(regression_every=2)  # views: every step needs the decoder
+    with pytest.raises(ValueError, match="regression_every must be >= 1"):
+        PretrainingObjective(positives="neighbours", regression_every=0)
+
+
+@pytest.mark.slow
+def test_regression_every_skips_the_decoder_between_regression_steps(two_studies, tmp_path):
+    full, other = two_studies
+    XTrimoGene.setup_anndata(full)
+    model = XTrimoGene(full, config="tiny", seed=0)
+    module = model.module
+    calls = []
+    decode = module.masked_expression
+
+    def counted(*args, **kwargs):
+        calls.append(module.training)
+        return decode(*args, **kwargs)
+
+    module.masked_expression = counted
+    decoder_before = {k: v.clone() for k, v in module.decoder.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
+    model.train(
+        corpus=[full, other],
+        max_steps=5,
+        batch_size=8,
+        max_genes=64,
+        positives="neighbours",
+        n_neighbors=5,
+        regression_every=2,
+        seed=0,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    assert calls == [True, True, True]  # steps 0, 2 and 4 decode; 1 and 3 do not
+    assert model.training_args_["regression_every"] == 2
+    assert np.isfinite(model.history_["contrastive_loss_train"].to_numpy()).all()
+    changed = [
+        k
+        for k, v in module.decoder.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, decoder_before[k])
+    ]
+    assert changed  # trained on the regression steps
+    assert any(
+        not torch.equal(v, encoder_before[k]) for k, v in module.encoder.state_dict().items()
+    )
 
 
 @pytest.mark.slow

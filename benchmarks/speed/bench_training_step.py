@@ -68,6 +68,8 @@ def pretraining_step(
     max_genes: int = 256,
     fused: bool = True,
     cell_head_dim: int = 0,
+    nonzero_prob: float = 0.3,
+    regression_every: int = 1,
 ) -> dict:
     """One recipe's step, timed by parts over ``steps`` steps (the first two are warm-up).
 
@@ -124,11 +126,12 @@ def pretraining_step(
             max_steps=steps,
             batch_size=32,
             max_genes=max_genes,
-            masking=MaskingSpec(zero_prob=0.01),
+            masking=MaskingSpec(nonzero_prob=nonzero_prob, zero_prob=0.01),
             view_masking=MaskingSpec(zero_prob=0.01, downsample_prob=1.0),
             contrastive_weight=1.0,
             positives=positives,
             cell_head_dim=cell_head_dim,
+            regression_every=regression_every,
             train_size=0.98,
             seed=0,
             accelerator="cpu",

@@ -120,6 +120,7 @@ class TrainingMixin:
         positives: Literal["views", "neighbours"] = "views",
         n_neighbors: int = 10,
         cell_head_dim: int = 0,
+        regression_every: int = 1,
         max_genes: int | None = 1024,
         seed: int | None = None,
         accelerator: str = "auto",
@@ -202,6 +203,11 @@ class TrainingMixin:
             (:class:`~scxtrimo.module.CellHead`, the one :func:`~scxtrimo.tl.adapt` trains) of
             this width together with the encoder; the InfoNCE term is taken on its output,
             which becomes the model's cell embedding. 0: none (the pooled vector).
+        regression_every
+            With ``positives="neighbours"``: run the masked-regression term (the decoder) on
+            every ``regression_every``-th step only; the steps between are encoder-only
+            InfoNCE steps, about half the cost of a full step (with ``strategy="ddp"`` the
+            decoder's missing gradients are allowed for). 1: every step.
         max_genes
             Cap on visible gene tokens per cell (a cell's highest values are kept; ``None``: no
             cap). Attention costs grow with the square of a cell's tokens, so the cap bounds the
@@ -318,6 +324,7 @@ class TrainingMixin:
                 positives=positives,
                 n_neighbors=n_neighbors,
                 cell_head_dim=cell_head_dim,
+                regression_every=regression_every,
             ),
         )
 

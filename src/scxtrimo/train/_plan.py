@@ -69,6 +69,10 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         the two halves' cell embeddings (:meth:`~scxtrimo.module.XTrimoGeneModule.cell_embedding`,
         through the cell head when the module has one), one encoder pass per cell, no second
         view. Validation batches are plain (masked regression only).
+    regression_every
+        With ``pairs``: the masked-regression term runs on every ``regression_every``-th
+        training step (global step divisible by it); the other steps encode the batch and take
+        the InfoNCE term alone, without the decoder (validation always decodes).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan`.
     """
@@ -86,6 +90,7 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         pairs: bool = False,
+        regression_every: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -99,6 +104,12 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
         self.contrastive_weight = float(contrastive_weight)
         self.temperature = float(temperature)
         self.pairs = bool(pairs)
+        if regression_every < 1 or (regression_every > 1 and not (pairs and contrastive_weight)):
+            raise ValueError(
+                f"regression_every={regression_every}: it must be >= 1, and > 1 needs pairs=True "
+                "and contrastive_weight > 0 (the steps between are contrastive only)."
+            )
+        self.regression_every = int(regression_every)
 
     def _param_groups(self) -> list[dict]:
         decay, no_decay = [], []
@@ -131,7 +142,33 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
+    def _contrastive_step(self, batch: dict) -> torch.Tensor:
+        """An encoder-only training step: InfoNCE between the neighbour-pair halves."""
+        inputs = self.module._get_inference_input(batch)
+        h = self.module.encode(inputs["gene_index"], inputs["value"], inputs["padding_mask"])
+        z = self.module.cell_embedding(h, batch["padding_mask"])
+        half = z.shape[0] // 2
+        contrastive = info_nce(z[:half], z[half : 2 * half], self.temperature)
+        self.log(
+            "contrastive_loss_train",
+            contrastive.detach(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=int(batch["gene_index"].shape[0]),
+            sync_dist=self.use_sync_dist,
+        )
+        loss = self.contrastive_weight * contrastive
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The contrastive loss became {loss.item()} at global step {self.global_step}. "
+                "Lower the learning rate (lr); the last good weights are those of the previous "
+                "checkpoint."
+            )
+        return loss
+
     def _step(self, batch: dict, mode: str) -> torch.Tensor:
+        if mode == "train" and self.pairs and self.global_step % self.regression_every:
+            return self._contrastive_step(batch)
         inference_outputs, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
         loss = out.loss
         extra = dict(out.extra_metrics or {})

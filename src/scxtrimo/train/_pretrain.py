@@ -320,13 +320,18 @@ def run_pretraining(
         contrastive_weight=objective.contrastive_weight,
         temperature=objective.temperature,
         pairs=use_pairs,
+        regression_every=objective.regression_every,
         **plan_kwargs,
     )
+    strategy = s.strategy
+    if objective.regression_every > 1 and strategy in ("ddp", "ddp_spawn", "ddp_notebook"):
+        # Encoder-only steps leave the decoder without gradients; DDP must be told.
+        strategy = f"{strategy}_find_unused_parameters_true"
     kwargs = trainer_defaults(
         dict(s.trainer_kwargs),
         gradient_clip_val=s.gradient_clip_val,
         precision=s.precision,
-        strategy=s.strategy,
+        strategy=strategy,
         num_nodes=s.num_nodes,
     )
     torch.manual_seed(s.seed)
@@ -357,6 +362,7 @@ def run_pretraining(
         "positives": objective.positives,
         "n_neighbors": objective.n_neighbors if use_pairs else None,
         "cell_head_dim": objective.cell_head_dim,
+        "regression_every": objective.regression_every,
         "corpus": corpus.summary(),
         "finetune": None,
     }

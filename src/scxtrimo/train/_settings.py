@@ -74,6 +74,11 @@ class PretrainingObjective:
         With ``positives="neighbours"``: train a new :class:`~scxtrimo.module.CellHead` of this
         width with the encoder, and take the InfoNCE term on its output (it becomes the
         model's cell embedding); 0: on the pooled vector.
+    regression_every
+        With ``positives="neighbours"``: the masked-regression term (the decoder) runs on every
+        ``regression_every``-th step; the steps between are encoder-only contrastive steps
+        (the decoder's forward and backward are most of a step's remaining cost). 1: every
+        step.
     """
 
     masking: MaskingSpec = field(default_factory=MaskingSpec)
@@ -83,12 +88,26 @@ class PretrainingObjective:
     positives: str = "views"
     n_neighbors: int = 10
     cell_head_dim: int = 0
+    regression_every: int = 1
 
     def __post_init__(self) -> None:
         if self.positives not in ("views", "neighbours"):
             raise ValueError(f"positives must be 'views' or 'neighbours', got {self.positives!r}.")
         if self.cell_head_dim and self.positives != "neighbours":
             raise ValueError("cell_head_dim needs positives='neighbours'.")
+        if isinstance(self.regression_every, bool) or not isinstance(self.regression_every, int):
+            raise TypeError(
+                f"regression_every must be an integer >= 1, got {self.regression_every!r}."
+            )
+        if self.regression_every < 1:
+            raise ValueError(f"regression_every must be >= 1, got {self.regression_every}.")
+        if self.regression_every > 1 and (
+            self.positives != "neighbours" or not self.contrastive_weight > 0
+        ):
+            raise ValueError(
+                "regression_every > 1 interleaves encoder-only contrastive steps, which need "
+                "positives='neighbours' and contrastive_weight > 0."
+            )
 
 
 @dataclass
