@@ -24,9 +24,12 @@ def test_shipped_model_is_there_and_described(shipped):
     meta = json.loads((files("scxtrimo") / "_resources" / "pretrained" / "model.json").read_text())
     assert meta["source"] == "scxtrimo-default"
     assert meta["shipped_default"]["weights_dtype"] == "float16"
-    assert meta["training_args"]["max_genes"] == 256
+    # Trained on a cell's 128 highest genes, shipped to embed with 256 (docs: evaluation).
+    assert meta["training_args"]["max_genes"] == 128
+    assert meta["training_args"]["regression_every"] == 2
     assert shipped.is_trained
     assert shipped.default_max_genes == 256
+    assert shipped.module.cell_head is None  # the head trained with the encoder is not shipped
     assert shipped.classifier_ is None  # pretrained only: no untrained head shipped
     assert all(p.dtype == torch.float32 for p in shipped.module.parameters())
 
