@@ -12,9 +12,9 @@ head, 5,000 steps of 32 cells, the 128 highest genes of a cell, 15% of its non-z
 masked, the decoder on every second step (``--regression-every 2``; the steps between are
 encoder-only). Seeded; the wall time is printed. ``OUT/final`` is the trained model;
 ``OUT/final_shipped`` the same without the cell head and with a 256-gene cap at inference
-(:func:`shipped_variant`). ``--ship`` then packages ``final_shipped``: it writes ``src/scxtrimo/_resources/pretrained/`` with
-the weights rounded to float16 (the shipped model *is* the rounded one: every number reported
-for it is measured after rounding).
+(:func:`shipped_variant`). ``--ship`` then packages ``final_shipped``: it writes
+``src/scxtrimo/_resources/pretrained/`` with the weights rounded to float16 (the shipped model
+*is* the rounded one: every number reported for it is measured after rounding).
 
 ``--cell-head MODEL_DIR`` fits the default's cell head (``scxtrimo.module.CellHead``, the
 recipe of ``tl.adapt``) on the frozen encoder of a saved model over the same training corpus:

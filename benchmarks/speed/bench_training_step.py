@@ -11,9 +11,9 @@ Measures, in one run on the shipped default model (``small``) and 640 pbmc4k cel
    masked regression through the Performer decoder, AdamW's per-tensor loop), the same with
    the fused AdamW kernel, neighbour pairs with a cell head (one encoder pass per cell)
    at 256 and 128 genes, then with the decoder on every second step only
-   (``regression_every=2``) and 15% instead of 30% of non-zero genes masked. Mean wall time per step, split into the forward passes of the
-   encoder and of the decoder, the backward pass and the optimiser step (the rest: token
-   preparation and Lightning).
+   (``regression_every=2``) and 15% instead of 30% of non-zero genes masked. Mean wall time
+   per step, split into the forward passes of the encoder and of the decoder, the backward
+   pass and the optimiser step (the rest: token preparation and Lightning).
 2. **Encoder options** on the same cells, forward + backward per cell: ``max_genes`` 256 vs
    128, and bf16 autocast (CPU).
 3. **Adaptation** (``tl.adapt``): the one-off frozen pass per cell, then a step of the cell

@@ -77,8 +77,8 @@ class PretrainingObjective:
     regression_every
         With ``positives="neighbours"``: the masked-regression term (the decoder) runs on every
         ``regression_every``-th step; the steps between are encoder-only contrastive steps
-        (the decoder's forward and backward are most of a step's remaining cost). 1: every
-        step.
+        (without the decoder's forward and backward passes, about half the cost of a full
+        step). 1: every step.
     """
 
     masking: MaskingSpec = field(default_factory=MaskingSpec)
