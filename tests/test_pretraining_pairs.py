@@ -20,6 +20,22 @@ def two_studies(pbmc_full):
     return pbmc_full[:80].copy(), pbmc_full[80:140].copy()
 
 
+def _train_on_pairs(model, studies, tmp_path, **options) -> None:
+    """A few CPU steps of neighbour-pair pretraining of a tiny model on ``studies``."""
+    model.train(
+        corpus=list(studies),
+        batch_size=8,
+        max_genes=64,
+        positives="neighbours",
+        n_neighbors=5,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        **options,
+    )
+
+
 def test_neighbours_stay_in_their_study_and_skip_held_out_cells(two_studies):
     XTrimoGene.setup_anndata(two_studies[0])
     model = XTrimoGene(two_studies[0], config="tiny", seed=0)
@@ -109,20 +125,8 @@ def test_regression_every_skips_the_decoder_between_regression_steps(two_studies
     module.masked_expression = counted
     decoder_before = {k: v.clone() for k, v in module.decoder.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
-    model.train(
-        corpus=[full, other],
-        max_steps=5,
-        batch_size=8,
-        max_genes=64,
-        positives="neighbours",
-        n_neighbors=5,
-        regression_every=2,
-        seed=0,
-        accelerator="cpu",
-        devices=1,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
+    _train_on_pairs(
+        model, (full, other), tmp_path, max_steps=5, regression_every=2, seed=0, limit_val_batches=0
     )
     assert calls == [True, True, True]  # steps 0, 2 and 4 decode; 1 and 3 do not
     assert model.training_args_["regression_every"] == 2
@@ -144,20 +148,7 @@ def test_pretraining_with_pairs_trains_a_cell_head_that_is_saved(two_studies, tm
     before = full.copy()
     XTrimoGene.setup_anndata(full)
     model = XTrimoGene(full, config="tiny", seed=0)
-    model.train(
-        corpus=[full, other],
-        max_steps=4,
-        batch_size=8,
-        max_genes=64,
-        positives="neighbours",
-        n_neighbors=5,
-        cell_head_dim=16,
-        seed=2,
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-    )
+    _train_on_pairs(model, (full, other), tmp_path, max_steps=4, cell_head_dim=16, seed=2)
     assert model.training_args_["positives"] == "neighbours"
     assert np.isfinite(model.history_["contrastive_loss_train"].to_numpy()).all()
     head = model.module.cell_head

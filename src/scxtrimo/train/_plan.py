@@ -142,13 +142,18 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
+    def _pair_info_nce(self, h: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """InfoNCE between the cell embeddings of a paired batch's halves (anchors, partners)."""
+        z = self.module.cell_embedding(h, padding_mask)
+        half = z.shape[0] // 2
+        return info_nce(z[:half], z[half : 2 * half], self.temperature)
+
     def _contrastive_step(self, batch: dict) -> torch.Tensor:
         """An encoder-only training step: InfoNCE between the neighbour-pair halves."""
-        inputs = self.module._get_inference_input(batch)
-        h = self.module.encode(inputs["gene_index"], inputs["value"], inputs["padding_mask"])
-        z = self.module.cell_embedding(h, batch["padding_mask"])
-        half = z.shape[0] // 2
-        contrastive = info_nce(z[:half], z[half : 2 * half], self.temperature)
+        mask = batch["padding_mask"]
+        contrastive = self._pair_info_nce(
+            self.module.encode(batch["gene_index"], batch["value"], mask), mask
+        )
         self.log(
             "contrastive_loss_train",
             contrastive.detach(),
@@ -181,10 +186,8 @@ class XTrimoGeneTrainingPlan(TrainingPlan):
             if self.contrastive_weight > 0:
                 loss = loss + self.contrastive_weight * contrastive
         elif self.pairs and mode == "train" and self.contrastive_weight > 0:
-            z = self.module.cell_embedding(inference_outputs["h"], batch["padding_mask"])
-            half = z.shape[0] // 2
             extra["masked_mse"] = loss.detach()
-            contrastive = info_nce(z[:half], z[half : 2 * half], self.temperature)
+            contrastive = self._pair_info_nce(inference_outputs["h"], batch["padding_mask"])
             extra["contrastive_loss"] = contrastive.detach()
             loss = loss + self.contrastive_weight * contrastive
         if not torch.isfinite(loss):
